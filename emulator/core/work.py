@@ -1,0 +1,61 @@
+"""What each rank of a pipeline stage does for one plan: the cost model fills it, the Ray
+workers execute it (delays + real collectives), the simulator sums it.
+
+Compute times are *target* seconds; a worker sleeps ``compute_s * dilation``. Byte counts
+are the real sizes of the tensors that cross the wire (tokens x hidden x bytes per element).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(slots=True)
+class StageWork:
+    """Work of one pipeline stage for one plan; every TP rank of the stage does the same."""
+
+    stage: int
+    """Pipeline stage index (0..pp-1)."""
+    layer_ids: np.ndarray
+    """int64 [L]: global indices of the decoder layers this stage runs, in order."""
+    attn_compute_s: np.ndarray
+    """float64 [L]: per layer, compute before the first TP all-reduce (norm, QKV, attention,
+    output projection), target seconds on each rank."""
+    mlp_compute_s: np.ndarray
+    """float64 [L]: per layer, compute of the MLP (dense) or experts (MoE) before the second
+    TP all-reduce, target seconds on each rank."""
+    tp_allreduce_bytes: int
+    """Bytes of each per-layer TP all-reduce (num_tokens x hidden x dtype bytes). Two per
+    layer (after attention output and after the MLP down projection); 0 when tp == 1."""
+    pre_compute_s: float = 0.0
+    """Stage 0 only: embedding lookup; target seconds."""
+    embed_allreduce_bytes: int = 0
+    """Stage 0 only: the vocabulary-parallel embedding's all-reduce (tokens x hidden x bytes);
+    0 when tp == 1 or on other stages."""
+    post_compute_s: float = 0.0
+    """Last stage only: final norm, LM head and sampling; target seconds."""
+    logits_gather_bytes: int = 0
+    """Last stage only: per rank, bytes of the logits shard gathered across TP for sampling
+    (sampled tokens x vocab / tp x dtype bytes); 0 when tp == 1 or on other stages."""
+    pp_send_bytes: int = 0
+    """Bytes of the activations sent to the next stage (num_tokens x hidden x dtype bytes);
+    0 on the last stage."""
+
+    @property
+    def compute_s(self) -> float:
+        """Total compute of the stage in target seconds."""
+        return float(self.attn_compute_s.sum() + self.mlp_compute_s.sum()
+                     + self.pre_compute_s + self.post_compute_s)
+
+
+@dataclass(slots=True)
+class StepWork:
+    """All stages' work for one plan."""
+
+    stages: list[StageWork]
+    num_tokens: int
+    """Tokens computed in the step (the activation rows that move)."""
+    num_sampled_tokens: int
+    """Sequences that sample a token this step (decodes and prefills that finish)."""
