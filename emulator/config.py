@@ -1,0 +1,91 @@
+"""The run configuration: one pydantic model composed of the pieces a run needs.
+
+The CLI builds it from flags and/or a YAML or JSON file (`--config run.yaml`); flags given on
+the command line override the file. Both `simulate` and `emulate` take the same config, so a
+validation run compares the two on identical settings.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from emulator.errors import ConfigError
+
+
+class RunConfig(BaseModel):
+    """Everything that determines a simulation or emulation run."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    trace: Path = Field(description="Request trace (.arrow or .parquet, schema v1).")
+    model: str = Field("llama-3.1-8b", description="Model preset id or path to a local HF config.json.")
+    hardware: str = Field("h100", description="Target GPU preset id (a100-80g, h100, h200, b200, mi300x).")
+    dp: int = Field(1, ge=1, description="Data-parallel replicas (independent KV pools).")
+    tp: int = Field(1, ge=1, description="Tensor-parallel degree (ranks per TP group).")
+    pp: int = Field(1, ge=1, description="Pipeline-parallel stages.")
+    ep: int = Field(1, ge=1, description="Expert-parallel degree (MoE only).")
+    attention_dp: bool = Field(False, description="MoE: attention data-parallel with experts spread over the same ranks (ep = dp * tp).")
+    max_num_seqs: int = Field(256, ge=1, description="Maximum running sequences per replica (vLLM max_num_seqs).")
+    max_num_batched_tokens: int = Field(8192, ge=1, description="Token budget per step (vLLM max_num_batched_tokens).")
+    block_size: int = Field(16, ge=1, description="KV block size in tokens.")
+    enable_chunked_prefill: bool = Field(True, description="Split long prompts across steps within the token budget.")
+    gpu_memory_utilization: float = Field(0.9, gt=0, le=1, description="Fraction of HBM for weights + KV cache + activations.")
+    router: Literal["round_robin", "least_outstanding", "least_kv"] = Field(
+        "least_outstanding", description="How requests are assigned to DP replicas.")
+    comm_profile: Path | None = Field(None, description="Calibrated communication profile (JSON from `emulator calibrate`); default: from the hardware spec.")
+    max_requests: int | None = Field(None, ge=1, description="Use only the first N requests of the trace.")
+    max_output_tokens: int | None = Field(None, ge=1, description="Cap every request's output length (laptop-scale runs).")
+    # Emulation only.
+    dilation: float = Field(1.0, gt=0, description="Emulated wall time per unit of target compute time (delays are cost x dilation).")
+    memory_scale: float = Field(1e-3, gt=0, le=1, description="Fraction of the real weight and KV bytes each worker really allocates.")
+    backend: Literal["auto", "gloo", "nccl"] = Field("auto", description="torch.distributed backend (auto: nccl with GPUs, else gloo).")
+    address: str | None = Field(None, description="Ray cluster to join ('auto' or HOST:PORT); default: an embedded local Ray.")
+    timeout_s: float = Field(60.0, gt=0, description="Timeout of every rendezvous and collective, seconds.")
+
+    @model_validator(mode="after")
+    def _check(self) -> "RunConfig":
+        if self.attention_dp and self.ep != self.dp * self.tp:
+            raise ValueError(f"attention_dp needs ep = dp * tp = {self.dp * self.tp}, got ep={self.ep}")
+        return self
+
+    @property
+    def world_size(self) -> int:
+        return self.dp * self.tp * self.pp
+
+
+def _fmt_validation_error(exc: ValidationError, source: str) -> str:
+    parts = []
+    for err in exc.errors():
+        loc = ".".join(str(x) for x in err["loc"]) or "config"
+        parts.append(f"{loc}: {err['msg']}")
+    return f"{source}: " + "; ".join(parts)
+
+
+def load_config_file(path: str | Path) -> dict[str, Any]:
+    """Read a YAML or JSON run config file into a dict (YAML is a superset of JSON)."""
+    p = Path(path)
+    try:
+        data = yaml.safe_load(p.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{p}: config file not found") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{p}: not valid YAML/JSON: {exc}".splitlines()[0]) from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{p}: expected a mapping of settings, got {type(data).__name__}")
+    return {k.replace("-", "_"): v for k, v in data.items()}
+
+
+def build_config(file: str | Path | None = None, **overrides: Any) -> RunConfig:
+    """Merge a config file (if any) with explicit overrides (flags) and validate."""
+    values: dict[str, Any] = load_config_file(file) if file else {}
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    try:
+        return RunConfig(**values)
+    except ValidationError as exc:
+        raise ConfigError(_fmt_validation_error(exc, str(file) if file else "run config")) from None
