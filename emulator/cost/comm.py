@@ -1,0 +1,180 @@
+"""Alpha-beta communication costs per collective, from a :class:`CommProfile`.
+
+A profile holds one straight line ``time_s = alpha_s + bytes * (beta_s_per_byte +
+gamma_s_per_byte)`` per (op, group size, placement). The line is *collective level*: it
+already contains the algorithm's step count, so a calibrated profile (``emulator
+calibrate``, measured on the host) and one derived from hardware specs are used the same way.
+
+Byte conventions (the ``bytes`` argument of every op; nccl-tests' "size" conventions,
+https://github.com/NVIDIA/nccl-tests/blob/master/doc/PERFORMANCE.md):
+
+- ``all_reduce``: the buffer size on each rank.
+- ``all_gather``: the gathered output size (group size x per-rank shard).
+- ``all_to_all``: the busiest rank: max over ranks of the bytes it sends to, or receives
+  from, the *other* ranks (see :func:`all_to_all_bytes`).
+- ``send_recv``: the message size (group size is always 2).
+
+From hardware specs (:meth:`CommProfile.from_hardware`), with link bandwidth ``bw`` (per GPU,
+per direction) and latency ``lat`` of the scale-up (intra-node) or scale-out (inter-node)
+fabric, the classic ring / pairwise formulas (Thakur, Rabenseifner, Gropp, "Optimization of
+Collective Communication Operations in MPICH", IJHPCA 2005; Patarasuk & Yuan, "Bandwidth
+optimal all-reduce algorithms", JPDC 2009):
+
+- all_reduce (ring reduce-scatter + all-gather): ``2(n-1) lat + 2(n-1)/n * bytes / bw``
+- all_gather (ring): ``(n-1) lat + (n-1)/n * bytes / bw``
+- all_to_all (all pairs at once through a switch): ``lat + bytes / bw``
+- send_recv: ``lat + bytes / bw``
+
+The reduction term ``gamma`` is 0 from specs (GPU reduction is far faster than the link) and
+may be non-zero in a calibrated profile (CPU gloo).
+
+Placement: a group is "inter" when its ranks sit on more than one node (node = rank //
+gpus_per_node, ranks numbered by the layout's mesh), else "intra".
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
+
+from emulator.errors import ConfigError
+
+CommOp = Literal["all_reduce", "all_gather", "all_to_all", "send_recv"]
+Placement = Literal["intra", "inter"]
+COMM_OPS: tuple[str, ...] = ("all_reduce", "all_gather", "all_to_all", "send_recv")
+PLACEMENTS: tuple[str, ...] = ("intra", "inter")
+PROFILE_SCHEMA_VERSION = 1
+
+
+class ProfileError(ConfigError):
+    """A communication profile is malformed or lacks an entry the run needs."""
+
+
+class CommEntry(BaseModel):
+    """One alpha-beta line: the time of ``op`` over ``group_size`` ranks at ``placement``."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    op: CommOp = Field(description="Collective: all_reduce, all_gather, all_to_all or send_recv.")
+    group_size: int = Field(ge=2, description="Number of ranks in the group (2 for send_recv).")
+    placement: Placement = Field(
+        description="'intra' (all ranks on one node, scale-up link) or 'inter' (spans nodes).")
+    alpha_s: float = Field(ge=0.0, description="Fixed cost per call in seconds (latency term).")
+    beta_s_per_byte: float = Field(
+        ge=0.0, description="Seconds per byte of the op's nominal size (bandwidth term).")
+    gamma_s_per_byte: float = Field(
+        default=0.0, ge=0.0,
+        description="Extra seconds per byte for the reduction arithmetic (0 from specs).")
+
+    def time_s(self, num_bytes: float) -> float:
+        """Predicted time of one call moving ``num_bytes`` (0 bytes costs nothing)."""
+        if num_bytes <= 0:
+            return 0.0
+        return self.alpha_s + num_bytes * (self.beta_s_per_byte + self.gamma_s_per_byte)
+
+    @model_validator(mode="after")
+    def _send_recv_pairs(self) -> CommEntry:
+        if self.op == "send_recv" and self.group_size != 2:
+            raise ValueError("send_recv entries must have group_size 2")
+        return self
+
+
+class CommProfile(BaseModel):
+    """Alpha-beta lines per (op, group size, placement); see the module docstring."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    schema_version: int = Field(
+        default=PROFILE_SCHEMA_VERSION,
+        description=f"Profile file format version (this code reads {PROFILE_SCHEMA_VERSION}).")
+    name: str = Field(description="Where the numbers come from (hardware id or host name).")
+    entries: list[CommEntry] = Field(
+        min_length=1, description="Measured or derived alpha-beta lines.")
+
+    _index: dict[tuple[str, str], dict[int, CommEntry]] = PrivateAttr(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _check(self) -> CommProfile:
+        if self.schema_version != PROFILE_SCHEMA_VERSION:
+            raise ValueError(f"schema_version {self.schema_version} is not supported; "
+                             f"this code reads version {PROFILE_SCHEMA_VERSION}")
+        index: dict[tuple[str, str], dict[int, CommEntry]] = {}
+        for entry in self.entries:
+            sizes = index.setdefault((entry.op, entry.placement), {})
+            if entry.group_size in sizes:
+                raise ValueError(f"duplicate entry for op={entry.op} placement="
+                                 f"{entry.placement} group_size={entry.group_size}")
+            sizes[entry.group_size] = entry
+        self._index = index
+        return self
+
+    @classmethod
+    def from_hardware(cls, hardware, max_group_size: int = 64) -> CommProfile:
+        """Ring / pairwise alpha-beta lines from ``hardware``'s link specs for every group
+        size 2..max_group_size and both placements (see the module docstring)."""
+        links = {
+            "intra": (hardware.scale_up_latency_s, hardware.scale_up_bytes_per_s),
+            "inter": (hardware.scale_out_latency_s, hardware.scale_out_bytes_per_s),
+        }
+        entries = []
+        for placement, (lat, bw) in links.items():
+            entries.append(CommEntry(op="send_recv", group_size=2, placement=placement,
+                                     alpha_s=lat, beta_s_per_byte=1.0 / bw))
+            for n in range(2, max(2, max_group_size) + 1):
+                entries += [
+                    CommEntry(op="all_reduce", group_size=n, placement=placement,
+                              alpha_s=2 * (n - 1) * lat,
+                              beta_s_per_byte=2 * (n - 1) / n / bw),
+                    CommEntry(op="all_gather", group_size=n, placement=placement,
+                              alpha_s=(n - 1) * lat, beta_s_per_byte=(n - 1) / n / bw),
+                    CommEntry(op="all_to_all", group_size=n, placement=placement,
+                              alpha_s=lat, beta_s_per_byte=1.0 / bw),
+                ]
+        return cls(name=f"specs:{hardware.name}", entries=entries)
+
+    def lookup(self, op: str, group_size: int, placement: str) -> CommEntry:
+        """The entry for exactly ``group_size``, else the nearest measured size (ties go to
+        the larger group, the more expensive one). Raises ProfileError when the profile has
+        no entry at all for (op, placement)."""
+        sizes = self._index.get((op, placement))
+        if not sizes:
+            have = sorted({f"{o}/{p}" for (o, p) in self._index})
+            raise ProfileError(
+                f"communication profile '{self.name}' has no '{op}' entries for placement "
+                f"'{placement}' (has: {', '.join(have)}); calibrate that op and placement or "
+                f"use the hardware-spec profile")
+        if group_size in sizes:
+            return sizes[group_size]
+        nearest = min(sizes, key=lambda n: (abs(n - group_size), -n))
+        return sizes[nearest]
+
+    def time_s(self, op: str, group_size: int, placement: str, num_bytes: float) -> float:
+        """Time of one ``op`` call over ``group_size`` ranks; 0 for a group of 1 or 0 bytes."""
+        if group_size <= 1 or num_bytes <= 0:
+            return 0.0
+        return self.lookup(op, group_size, placement).time_s(num_bytes)
+
+
+def node_of(ranks: Iterable[int], gpus_per_node: int) -> np.ndarray:
+    """Node index of each rank (ranks are numbered node by node)."""
+    return np.asarray(list(ranks), dtype=np.int64) // gpus_per_node
+
+
+def placement_of(ranks: Iterable[int], gpus_per_node: int) -> Placement:
+    """'inter' when the group's ranks sit on more than one node, else 'intra'."""
+    nodes = node_of(ranks, gpus_per_node)
+    return "inter" if nodes.size and nodes.min() != nodes.max() else "intra"
+
+
+def all_to_all_bytes(send_bytes: np.ndarray) -> int:
+    """Busiest-rank size of an all-to-all: ``send_bytes[i, j]`` is what rank i sends to rank
+    j; the result is the max over ranks of bytes sent to, or received from, other ranks (a
+    rank's own chunk does not cross the wire)."""
+    matrix = np.asarray(send_bytes, dtype=np.float64)
+    if matrix.ndim != 2 or matrix.shape[0] != matrix.shape[1]:
+        raise ValueError(f"send_bytes must be a square [n, n] matrix, got {matrix.shape}")
+    off = matrix - np.diag(np.diag(matrix))
+    return int(max(off.sum(axis=1).max(initial=0.0), off.sum(axis=0).max(initial=0.0)))
