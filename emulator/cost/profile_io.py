@@ -17,7 +17,7 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from emulator.atomic import write_json_atomic
-from emulator.cost.comm import CommProfile, ProfileError
+from emulator.cost.comm import PROFILE_SCHEMA_VERSION, CommProfile, ProfileError
 
 
 def _field_path(loc: tuple) -> str:
@@ -38,9 +38,16 @@ def load_profile(path: str | os.PathLike) -> CommProfile:
                            f"calibrate` to create one or omit it to use hardware specs") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ProfileError(f"{path}: not a readable JSON communication profile ({exc})") from None
-    if isinstance(raw, dict) and "schema_version" not in raw:
+    if not isinstance(raw, dict):
+        raise ProfileError(f"{path}: a communication profile is a JSON object with "
+                           f"'schema_version', 'name' and 'entries'")
+    if "schema_version" not in raw:
         raise ProfileError(f"{path}: field 'schema_version' is missing; a profile file starts "
-                           f"with {{\"schema_version\": 1, ...}}")
+                           f"with {{\"schema_version\": {PROFILE_SCHEMA_VERSION}, ...}}")
+    if raw["schema_version"] != PROFILE_SCHEMA_VERSION:
+        raise ProfileError(f"{path}: field 'schema_version': version {raw['schema_version']!r} "
+                           f"is not supported; this code reads version {PROFILE_SCHEMA_VERSION} "
+                           f"(re-run `emulator calibrate`)")
     try:
         return CommProfile.model_validate(raw)
     except ValidationError as exc:
