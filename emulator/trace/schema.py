@@ -151,14 +151,18 @@ class Trace:
         return self.take(order)
 
     def validate(self, source: str = "<trace>", *, row_label: RowLabel = _row,
-                 check_sorted: bool = True, prev_arrival_s: float | None = None) -> Trace:
+                 column_names: dict[str, str] | None = None, check_sorted: bool = True,
+                 prev_arrival_s: float | None = None) -> Trace:
         """Raise TraceError naming ``source`` and the first bad rows; return self if valid.
 
-        ``row_label`` turns a 0-based index into text (importers pass CSV line numbers);
+        ``row_label`` turns a 0-based index into text (importers pass CSV line numbers),
+        ``column_names`` maps schema columns to the names in the source file, and
         ``prev_arrival_s`` is the last arrival of the previous batch when streaming.
         """
         problems, num_bad = _find_problems(self, check_sorted, prev_arrival_s, row_label)
         if problems:
+            names = column_names or {}
+            problems = [(i, names.get(c, c), why) for i, c, why in problems]
             raise TraceError(_format_problems(source, problems, num_bad, row_label))
         return self
 

@@ -75,7 +75,7 @@ def sample_arrivals(kind: str, num_requests: int, rng: np.random.Generator, *,
 
 def _range(name: str, value: int | Sequence[int] | None, kind: str) -> tuple[int, int]:
     if value is None:
-        raise SynthError(f"lengths {kind!r} needs {name}")
+        raise SynthError(f"lengths {kind!r} needs {name} (--{name.replace('_', '-')})")
     lo, hi = (value, value) if isinstance(value, (int, np.integer)) else tuple(value)
     if kind == "fixed" and lo != hi:
         raise SynthError(f"lengths 'fixed' needs a single {name}, got {lo}..{hi}")
