@@ -170,7 +170,7 @@ def _with(layout: ParallelLayout, tp: int, pp: int) -> ParallelLayout:
         ep = tp * pp
     else:
         ep = tp
-    return layout.model_copy(update={"tp": tp, "pp": pp, "ep": ep})
+    return ParallelLayout(**(layout.model_dump() | {"tp": tp, "pp": pp, "ep": ep}))
 
 
 def _suggest(model: ModelSpec, hardware: HardwareSpec, layout: ParallelLayout, util: float,
