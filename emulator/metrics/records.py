@@ -51,7 +51,8 @@ def _as_column(name: str, value: Any, dtype: np.dtype | None, n: int) -> np.ndar
     try:
         return arr.astype(dtype, casting="same_kind", copy=False)
     except TypeError as exc:
-        raise ValueError(f"column {name!r} of dtype {arr.dtype} cannot hold {dtype}: {exc}") from exc
+        raise ValueError(
+            f"column {name!r} of dtype {arr.dtype} cannot hold {dtype}: {exc}") from exc
 
 
 def _columns_from_mapping(columns: Mapping[str, Any], spec: tuple[Column, ...],

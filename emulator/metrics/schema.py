@@ -41,7 +41,8 @@ REQUEST_COLUMNS: tuple[Column, ...] = (
      "time the first output token was emitted, s; NaN if never"),
     ("finish_s", pa.float64(), np.dtype(np.float64),
      "time the last output token was emitted, s; NaN if unfinished"),
-    ("ttft_s", pa.float64(), np.dtype(np.float64), "time to first token = first_token - arrival, s"),
+    ("ttft_s", pa.float64(), np.dtype(np.float64),
+     "time to first token = first_token - arrival, s"),
     ("tpot_s", pa.float64(), np.dtype(np.float64),
      "time per output token after the first = (finish - first_token) / (output_tokens - 1), s; "
      "NaN when output_tokens <= 1"),
