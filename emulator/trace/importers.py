@@ -11,7 +11,8 @@
   :mod:`emulator.trace.servegen`).
 
 Files are parsed with pyarrow (no per-row Python). Every importer validates the rows in file
-order, naming the file, its line (1-based, header = line 1) and column, then sorts stably by
+order, naming the file, the 0-based data row and its line (1-based; a CSV header is line 1)
+and the column, then sorts stably by
 arrival time; ``num_requests`` keeps the first N arrivals. Request ids are
 ``<format>-<file row, zero-padded>``.
 """
@@ -47,6 +48,11 @@ _CELL_PATTERNS = {
 }
 
 
+def _where(row: int, first_line: int = 2) -> str:
+    """A data row (0-based) and its file line (1-based; a CSV header is line 1)."""
+    return f"row {row} (line {row + first_line})"
+
+
 def _ids(prefix: str, n: int) -> np.ndarray:
     width = max(6, len(str(n - 1)))
     return np.array([f"{prefix}-{i:0{width}d}" for i in range(n)], dtype=object)
@@ -77,8 +83,8 @@ def _read_csv(path: Path, types: dict[str, pa.DataType]) -> dict[str, np.ndarray
     for name in types:
         col = table.column(name).combine_chunks()
         if col.null_count:
-            line = int(np.flatnonzero(col.is_null().to_numpy(zero_copy_only=False))[0]) + 2
-            raise TraceError(f"{path.name}: line {line}, column {name}: empty value")
+            row = int(np.flatnonzero(col.is_null().to_numpy(zero_copy_only=False))[0])
+            raise TraceError(f"{path.name}: {_where(row)}, column {name}: empty value")
         out[name] = col.to_numpy(zero_copy_only=False)
     return out
 
@@ -92,7 +98,7 @@ def _locate_bad_cell(path: Path, types: dict[str, pa.DataType]) -> str | None:
         bad = np.flatnonzero(~ok.to_numpy(zero_copy_only=False))
         if bad.size:
             i = int(bad[0])
-            return (f"{path.name}: line {i + 2}, column {name}: {col[i].as_py()!r} is not "
+            return (f"{path.name}: {_where(i)}, column {name}: {col[i].as_py()!r} is not "
                     f"a valid {typ}")
     return None
 
@@ -100,7 +106,7 @@ def _locate_bad_cell(path: Path, types: dict[str, pa.DataType]) -> str | None:
 def _int32(values: np.ndarray, path: Path, column: str) -> np.ndarray:
     bad = np.flatnonzero(np.abs(values) > np.iinfo(np.int32).max)
     if bad.size:
-        raise TraceError(f"{path.name}: line {int(bad[0]) + 2}, column {column}: "
+        raise TraceError(f"{path.name}: {_where(int(bad[0]))}, column {column}: "
                          f"{values[bad[0]]} is too large for a token count")
     return values.astype(np.int32)
 
@@ -108,7 +114,7 @@ def _int32(values: np.ndarray, path: Path, column: str) -> np.ndarray:
 def _finish(trace: Trace, path: Path, names: dict[str, str], num_requests: int | None,
             first_line: int = 2) -> Trace:
     """Validate in file order (line numbers), then sort stably and truncate."""
-    trace.validate(path.name, row_label=lambda i: f"line {i + first_line}",
+    trace.validate(path.name, row_label=lambda i: _where(i, first_line),
                    column_names=names, check_sorted=False)
     trace = trace.sorted_by_arrival()
     if num_requests is not None:
@@ -195,8 +201,8 @@ def import_mooncake(jsonl_path: str | os.PathLike, *, num_requests: int | None =
     for name in required + (("hash_ids",) if "hash_ids" in table.column_names else ()):
         col = table.column(name).combine_chunks()
         if col.null_count:
-            line = int(np.flatnonzero(col.is_null().to_numpy(zero_copy_only=False))[0]) + 1
-            raise TraceError(f"{path.name}: line {line}, field {name}: missing value")
+            row = int(np.flatnonzero(col.is_null().to_numpy(zero_copy_only=False))[0])
+            raise TraceError(f"{path.name}: {_where(row, 1)}, field {name}: missing value")
         want = pa.types.is_list if name == "hash_ids" else \
             (lambda t: pa.types.is_integer(t) or pa.types.is_floating(t))
         if not want(col.type):
@@ -227,6 +233,6 @@ def _json_int32(col: pa.Array, path: Path, field: str) -> np.ndarray:
     values = col.to_numpy(zero_copy_only=False)
     bad = np.flatnonzero((values != np.rint(values)) | (np.abs(values) > np.iinfo(np.int32).max))
     if bad.size:
-        raise TraceError(f"{path.name}: line {int(bad[0]) + 1}, field {field}: "
+        raise TraceError(f"{path.name}: {_where(int(bad[0]), 1)}, field {field}: "
                          f"{values[bad[0]]} is not a token count")
     return values.astype(np.int32)

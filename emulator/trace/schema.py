@@ -296,7 +296,8 @@ def _find_problems(t: Trace, check_sorted: bool, prev_arrival_s: float | None,
     add(arr < 0, "arrival_time_s", lambda i: f"{arr[i]} is negative")
     if check_sorted and n:
         prev = np.concatenate(([-np.inf if prev_arrival_s is None else prev_arrival_s], arr[:-1]))
-        add(arr < prev, "arrival_time_s",
+        # A row after an infinite one is not reported again: the inf is the problem.
+        add((arr < prev) & (prev != np.inf), "arrival_time_s",
             lambda i: f"{arr[i]} arrives before the previous row ({prev[i]}); sort by arrival")
     for name in ("prompt_tokens", "output_tokens"):
         col = getattr(t, name)
