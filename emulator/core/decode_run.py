@@ -1,0 +1,131 @@
+"""Fast-forward of steady decode: k steps in which every running request decodes one token,
+applied with O(R + blocks) numpy work instead of k ``schedule`` + ``on_plan_done`` calls.
+
+Block demand in closed form. A running request with context c (tokens in KV, which equals its
+slot count) needs a new block at run step t (0-based) iff ``(c + t) % block_size == 0``, i.e.
+at steps ``t = j0, j0 + bs, ...`` with ``j0 = (-c) % bs``. With ``C[m] = #{requests: j0 < m}``
+the demand of the first k steps is ``D(k) = R * (k // bs) + C[k % bs]``, so the longest run
+without preemption is the largest k with ``D(k) <= free blocks`` (no block is freed during
+the run because nobody finishes before its last step).
+
+Allocation order matches the step-by-step path exactly: step after step, and within a step in
+running order, blocks are popped from the front of the free queue.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from emulator.core.scheduler import Scheduler
+
+
+def _demand_table(j0: np.ndarray, bs: int) -> np.ndarray:
+    """int64 [bs + 1]: C[m] = number of requests whose first new block comes at step < m."""
+    return np.concatenate([[0], np.cumsum(np.bincount(j0, minlength=bs))])
+
+
+def _steady_state(s: Scheduler) -> tuple[np.ndarray, np.ndarray] | None:
+    """(running, their contexts) if every running request is a plain decode, else None."""
+    if s.num_micro_batches != 1 or s._plans or s._running.size == 0:
+        return None
+    if s._running.size > s.config.max_num_batched_tokens:
+        return None
+    r = s.requests
+    run = s._running
+    c = r.num_computed_tokens[run]
+    out = r.num_output_tokens[run]
+    if (out < 1).any() or (c != r.prompt_tokens[run] + out - 1).any():
+        return None
+    return run, c
+
+
+def _head_admissible(s: Scheduler, free_blocks: int) -> bool:
+    """Could the head of the waiting queue be admitted next to the running decodes with
+    ``free_blocks`` free? Prefix hits can only be lost and free blocks only shrink during a
+    run, so False here stays False for the whole run."""
+    cfg, r, kv = s.config, s.requests, s.kv
+    budget = cfg.max_num_batched_tokens - int(s._running.size)
+    if not s._waiting or s._running.size >= cfg.max_num_seqs or budget <= 0:
+        return False
+    head = s._waiting[0]
+    hits = kv.get_computed_blocks(head)
+    num_hit = hits.size * cfg.block_size
+    n = int(r.prompt_tokens[head] + r.num_output_tokens[head]) - num_hit
+    if n > budget:
+        if not cfg.enable_chunked_prefill:
+            return False
+        n = budget
+    need = -(-(num_hit + n) // cfg.block_size) - hits.size
+    need += int((kv.pool.ref_cnt[hits] == 0).sum()) if hits.size else 0
+    return need <= free_blocks
+
+
+def horizon(s: Scheduler, max_steps: int) -> int:
+    """See :meth:`Scheduler.steady_decode_horizon`."""
+    if max_steps <= 0:
+        return 0
+    state = _steady_state(s)
+    if state is None:
+        return 0
+    run, c = state
+    r = s.requests
+    bs = s.config.block_size
+    k = min(int(max_steps), int((r.output_tokens[run] - r.num_output_tokens[run]).min()))
+    table = _demand_table((-c) % bs, bs)
+    free = s.kv.pool.num_free
+    q, left = divmod(free, run.size)
+    rem = int(np.searchsorted(table, left, side="right")) - 1
+    k = min(k, q * bs + rem)
+    if k <= 0 or _head_admissible(s, free - int(table[1])):
+        return 0
+    return k
+
+
+def blocks_used(s: Scheduler, k: int) -> np.ndarray:
+    """See :meth:`Scheduler.decode_run_kv_blocks_used`."""
+    bs = s.config.block_size
+    run = s._running
+    table = _demand_table((-s.requests.num_computed_tokens[run]) % bs, bs)
+    t = np.arange(1, k + 1)
+    return s.kv.num_used_blocks + run.size * (t // bs) + table[t % bs]
+
+
+def advance(s: Scheduler, k: int, step_end_s: np.ndarray) -> np.ndarray:
+    """See :meth:`Scheduler.advance_decode_run`."""
+    step_end_s = np.asarray(step_end_s, dtype=np.float64)
+    if step_end_s.shape != (k,):
+        raise ValueError(f"step_end_s must have shape ({k},), got {step_end_s.shape}")
+    if k <= 0:
+        return np.empty(0, np.int64)
+    h = horizon(s, k)
+    if h < k:
+        raise ValueError(f"advance_decode_run(k={k}) exceeds steady_decode_horizon={h}")
+    r, kv = s.requests, s.kv
+    bs = s.config.block_size
+    run = s._running
+    j0 = (-r.num_computed_tokens[run]) % bs
+    counts = np.where(j0 < k, (k - 1 - j0) // bs + 1, 0)
+    # Pairs (step, running position) needing a block, sorted by step then position: step t
+    # serves group t % bs, whose members (in running order) sit contiguously in `grouped`.
+    grouped = np.argsort(j0, kind="stable")
+    cnt = np.bincount(j0, minlength=bs)
+    gstart = np.cumsum(cnt) - cnt
+    steps = np.arange(k)
+    sizes = cnt[steps % bs]
+    total = int(sizes.sum())
+    first = np.cumsum(sizes) - sizes
+    pair_pos = grouped[np.repeat(gstart[steps % bs] - first, sizes) + np.arange(total)]
+    pair_index = (np.repeat(steps, sizes) - j0[pair_pos]) // bs
+    blocks = kv.pool.allocate(total)
+    kv.append_blocks(run, counts, pair_pos, pair_index, blocks)
+    kv.add_slot_tokens(run, k)
+    r.num_computed_tokens[run] += k
+    r.num_output_tokens[run] += k
+    s.num_steps += k
+    done = run[r.num_output_tokens[run] >= r.output_tokens[run]]
+    if done.size:
+        s._finish(done, float(step_end_s[-1]))
+    return done
