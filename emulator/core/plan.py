@@ -83,6 +83,11 @@ class StepResult:
     sync-wait for stragglers."""
     comm_by_axis_s: dict[str, float] = field(default_factory=dict)
     """Communication time per mesh axis ('tp', 'pp', 'ep')."""
+    stage_compute_s: np.ndarray | None = None
+    """float64 [pp] or None: compute time of each stage (its slowest rank)."""
+    stage_comm_s: np.ndarray | None = None
+    """float64 [pp] or None: communication time of each stage (collectives, and for the
+    stages that receive, the transfer from the previous stage)."""
 
 
 class Executor(Protocol):
