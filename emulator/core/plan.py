@@ -86,8 +86,9 @@ class StepResult:
     stage_compute_s: np.ndarray | None = None
     """float64 [pp] or None: compute time of each stage (its slowest rank)."""
     stage_comm_s: np.ndarray | None = None
-    """float64 [pp] or None: communication time of each stage (collectives, and for the
-    stages that receive, the transfer from the previous stage)."""
+    """float64 [pp] or None: time of each stage's own collectives (TP/EP); the stage-to-stage
+    transfer happens before ``stage_start_s`` of the receiving stage and is counted in
+    ``comm_s`` and ``comm_by_axis_s['pp']``."""
 
 
 class Executor(Protocol):
