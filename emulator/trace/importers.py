@@ -1,7 +1,8 @@
 """Convert public request traces to v1 :class:`Trace` objects.
 
 - :func:`import_azure`: Azure LLM inference trace 2023 (Splitwise; CC-BY 4.0),
-  ``TIMESTAMP,ContextTokens,GeneratedTokens``; arrivals are seconds after the first row.
+  ``TIMESTAMP,ContextTokens,GeneratedTokens``; arrivals are seconds after the first
+  (earliest) row.
 - :func:`import_vidur`: Vidur processed CSVs, ``arrived_at,num_prefill_tokens,
   num_decode_tokens``; length-only files (no ``arrived_at``) get arrivals from a chosen
   process (see :mod:`emulator.trace.synth`).
@@ -125,13 +126,15 @@ def _finish(trace: Trace, path: Path, names: dict[str, str], num_requests: int |
 
 
 def import_azure(csv_path: str | os.PathLike, *, num_requests: int | None = None) -> Trace:
-    """Azure LLM inference trace CSV -> Trace (arrivals in seconds after the first row)."""
+    """Azure LLM inference trace CSV -> Trace (arrivals in seconds after the earliest
+    TIMESTAMP, which is the first row of the sorted public files)."""
     path = Path(csv_path)
     cols = _read_csv(path, {"TIMESTAMP": pa.timestamp("ns"), "ContextTokens": pa.int64(),
                             "GeneratedTokens": pa.int64()})
     ts_ns = cols["TIMESTAMP"].astype("datetime64[ns]").astype(np.int64)
     # Integer nanoseconds before the float conversion keep all 7 fractional digits.
-    arrival = (ts_ns - ts_ns[0]).astype(np.float64) / 1e9 if ts_ns.size else ts_ns.astype(float)
+    arrival = (ts_ns - ts_ns.min()).astype(np.float64) / 1e9 if ts_ns.size else \
+        ts_ns.astype(np.float64)
     n = arrival.shape[0]
     trace = Trace(_ids("azure", n), arrival, _int32(cols["ContextTokens"], path, "ContextTokens"),
                   _int32(cols["GeneratedTokens"], path, "GeneratedTokens"))
@@ -190,7 +193,7 @@ def import_mooncake(jsonl_path: str | os.PathLike, *, num_requests: int | None =
     except pa.ArrowInvalid as exc:
         msg = str(exc).splitlines()[0]
         m = re.search(r"[Rr]ow #?(\d+)", msg)
-        where = f"line {int(m.group(1)) + 1}: " if m else ""
+        where = f"{_where(int(m.group(1)), 1)}: " if m else ""
         raise TraceError(f"{path.name}: {where}invalid JSON: {msg}") from exc
     required = ("timestamp", "input_length", "output_length")
     missing = [c for c in required if c not in table.column_names]
