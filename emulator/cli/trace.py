@@ -141,9 +141,11 @@ def inspect(file: Path) -> None:
     stats = describe(read_trace(file))
     rate = stats["mean_rate_per_s"]
     console = Console()
-    console.print(f"[bold]{file}[/bold]: {stats['num_requests']:,} requests over "
-                  f"{stats['span_s']:,.1f} s, mean rate "
-                  + (f"{rate:,.2f} req/s" if rate is not None else "n/a (all at t=0)"))
+    summary = Table("requests", "time span (s)", "mean rate (req/s)", title=str(file),
+                    title_justify="left")
+    summary.add_row(f"{stats['num_requests']:,}", f"{stats['span_s']:,.1f}",
+                    f"{rate:,.2f}" if rate is not None else "n/a (all at t=0)")
+    console.print(summary)
     table = Table("tokens", "mean", "p50", "p90", "p99", "max")
     for name in ("prompt_tokens", "output_tokens", "reasoning_tokens"):
         if f"{name}.mean" in stats:
