@@ -1,0 +1,220 @@
+"""Discrete-event simulator: a heapq event loop with a virtual clock driving one scheduler
+per DP replica through the cost model.
+
+Events are (time, seq, kind, replica, payload); arrivals are merged from the sorted trace
+without going through the heap. Each replica has a pipeline of ``pp`` stages; a plan enters
+stage 0 when it is free, stage s when stage s-1 has finished it (plus the activation
+transfer) and stage s is free, so with PP several micro-batches are in flight and stages
+idle when the scheduler cannot form enough of them (bubbles).
+
+Steady decode is fast-forwarded when pp == 1: when the scheduler guarantees that the next k
+plans are "every running request decodes one token" (no admission, preemption or
+completion before the last), the k step times are priced in one vectorized call and the
+state is advanced at the end of the run in one call. The result is the same as stepping
+(the scheduler's own tests check the state equivalence), at a fraction of the cost. A run is
+cut at the next arrival when the replica's waiting queue is empty, so the arrival is
+admitted at the step boundary right after it, as when stepping. The run's state is applied
+when it starts (the replica stays busy until its end); requests of the run finish only at
+its last step, so a router reading replica state during the run sees the same outstanding
+counts as when stepping (KV usage is already the run's peak).
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from emulator.core.plan import BatchPlan, StepResult
+from emulator.core.requests import RequestTable
+from emulator.core.router import Router
+from emulator.core.scheduler import Scheduler
+from emulator.cost import CostModel
+from emulator.metrics.records import StepRecords
+
+_DONE, _RUN_DONE, _TRY = 0, 1, 2
+MAX_RUN_STEPS = 4096  # longest fast-forwarded decode run (bounds the per-run arrays)
+
+
+@dataclass(slots=True)
+class _Replica:
+    scheduler: Scheduler
+    stage_free_s: np.ndarray  # float64 [pp]: when each stage finishes its current work
+    free_slots: list[int]     # micro-batch slots with no plan in flight
+    try_pending: bool = False
+
+
+class CostModelExecutor:
+    """Prices a plan with the cost model: the simulator's implementation of the Executor
+    protocol. ``stage_free_s`` carries the pipeline state between plans of one replica."""
+
+    def __init__(self, cost: CostModel, requests: RequestTable) -> None:
+        self.cost = cost
+        self.requests = requests
+
+    def execute(self, plan: BatchPlan, start_s: float,
+                stage_free_s: np.ndarray | None = None) -> StepResult:
+        req = self.requests
+        idx = plan.request_index
+        work = self.cost.step_work(plan, prompt_tokens=req.prompt_tokens[idx] + req.num_output_tokens[idx])
+        compute, comm, p2p = self.cost.stage_times(work, plan.replica)
+        pp = compute.size
+        stage_start = np.empty(pp)
+        stage_end = np.empty(pp)
+        ready = start_s
+        for s in range(pp):
+            begin = ready if stage_free_s is None else max(ready, stage_free_s[s])
+            stage_start[s] = begin
+            stage_end[s] = begin + compute[s] + comm[s]
+            ready = stage_end[s] + p2p
+        by_axis = {"tp": float(comm.sum())} if self.cost.tp > 1 else {}
+        if pp > 1:
+            by_axis["pp"] = p2p * (pp - 1)
+        return StepResult(replica=plan.replica, step=plan.step, micro_batch=plan.micro_batch,
+                          start_s=float(stage_start[0]), end_s=float(stage_end[-1]),
+                          stage_start_s=stage_start, stage_end_s=stage_end,
+                          compute_s=float(compute.sum()),
+                          comm_s=float(comm.sum() + p2p * (pp - 1)), comm_by_axis_s=by_axis,
+                          stage_compute_s=compute,
+                          stage_comm_s=comm)
+
+
+class Simulation:
+    """One simulated run over a request table; call :meth:`run` once."""
+
+    def __init__(self, requests: RequestTable, schedulers: list[Scheduler], router: Router,
+                 cost: CostModel, *, fast_forward: bool = True) -> None:
+        self.requests = requests
+        self.router = router
+        self.cost = cost
+        self.executor = CostModelExecutor(cost, requests)
+        pp = cost.pp
+        self.replicas = [_Replica(s, np.zeros(pp), list(range(pp))) for s in schedulers]
+        self.fast_forward = fast_forward and pp == 1
+        self.steps = StepRecords()
+        self.now_s = 0.0
+        self._heap: list[tuple] = []
+        self._seq = 0
+        self._order = np.argsort(requests.arrival_s, kind="stable")
+        self._next_arrival = 0
+
+    # ---- event plumbing -------------------------------------------------------------------
+    def _push(self, time_s: float, kind: int, replica: int, payload=None) -> None:
+        self._seq += 1
+        heapq.heappush(self._heap, (time_s, self._seq, kind, replica, payload))
+
+    def _wake(self, r: int, time_s: float) -> None:
+        rep = self.replicas[r]
+        if not rep.try_pending and rep.free_slots:
+            rep.try_pending = True
+            self._push(time_s, _TRY, r)
+
+    def _next_arrival_s(self) -> float:
+        if self._next_arrival < self._order.size:
+            return float(self.requests.arrival_s[self._order[self._next_arrival]])
+        return math.inf
+
+    # ---- main loop ------------------------------------------------------------------------
+    def run(self, on_progress: Callable[[int], None] | None = None) -> None:
+        """Run until every request has finished (or was rejected); ``on_progress(n)`` is
+        called with the number of requests each completion finished."""
+        while True:
+            t_arr = self._next_arrival_s()
+            t_evt = self._heap[0][0] if self._heap else math.inf
+            if t_arr == math.inf and t_evt == math.inf:
+                break
+            if t_arr <= t_evt:  # an arrival at a step boundary joins the next step
+                idx = int(self._order[self._next_arrival])
+                self._next_arrival += 1
+                self.now_s = t_arr
+                self._arrive(idx, t_arr)
+                continue
+            time_s, _, kind, r, payload = heapq.heappop(self._heap)
+            self.now_s = time_s
+            if kind == _TRY:
+                self.replicas[r].try_pending = False
+                self._try_schedule(r, time_s)
+                continue
+            if kind == _DONE:
+                n = self._plan_done(r, payload, time_s)
+            else:
+                n = self._run_done(r, payload, time_s)
+            if n and on_progress is not None:
+                on_progress(n)
+
+    def _arrive(self, idx: int, now_s: float) -> None:
+        scheds = [rep.scheduler for rep in self.replicas]
+        r = self.router.route_to(idx, scheds)
+        if scheds[r].add_request(idx, now_s):
+            self._wake(r, now_s)
+
+    def _try_schedule(self, r: int, now_s: float) -> None:
+        rep = self.replicas[r]
+        sched = rep.scheduler
+        while rep.free_slots and sched.has_work:
+            if self.fast_forward and self._start_decode_run(r, now_s):
+                return
+            slot = rep.free_slots[0]
+            plan = sched.schedule(now_s, slot)
+            if plan is None:
+                return
+            rep.free_slots.pop(0)
+            start = max(now_s, float(rep.stage_free_s[0]))
+            result = self.executor.execute(plan, start, rep.stage_free_s)
+            rep.stage_free_s[:] = result.stage_end_s
+            self._push(result.end_s, _DONE, r, (plan, result))
+
+    def _start_decode_run(self, r: int, now_s: float) -> bool:
+        sched = self.replicas[r].scheduler
+        k = sched.steady_decode_horizon(MAX_RUN_STEPS)
+        if k < 2:
+            return False
+        compute, comm, _ = self.cost.decode_run_stage_times(sched.decode_contexts(), k, r)
+        compute, comm = compute[:, 0], comm[:, 0]  # pp == 1
+        ends = now_s + np.cumsum(compute + comm)
+        if sched.num_waiting == 0:
+            # Stop after the step during which the next request arrives.
+            k = min(k, int(np.searchsorted(ends, self._next_arrival_s(), side="left")) + 1)
+            if k < 2:
+                return False
+        # Apply the run now (the scheduler checks k against its horizon, which arrivals
+        # during the run could change); the replica stays busy until the run's end event.
+        num_req, first_step = sched.num_running, sched.num_steps
+        used = sched.decode_run_kv_blocks_used(k)
+        ends = ends[:k]
+        finished = sched.advance_decode_run(k, ends)
+        self.steps.extend(
+            replica=np.full(k, r), step=np.arange(first_step, first_step + k),
+            stage=np.zeros(k, np.int64), start_s=ends - (compute[:k] + comm[:k]), end_s=ends,
+            num_requests=np.full(k, num_req), num_prefill_tokens=np.zeros(k, np.int64),
+            num_decode_tokens=np.full(k, num_req), compute_s=compute[:k], comm_s=comm[:k],
+            kv_blocks_used=used, kv_blocks_total=np.full(k, sched.kv_blocks_total))
+        self.replicas[r].free_slots.pop(0)
+        self._push(float(ends[-1]), _RUN_DONE, r, int(finished.size))
+        return True
+
+    # ---- completions ------------------------------------------------------------------------
+    def _plan_done(self, r: int, payload: tuple[BatchPlan, StepResult], now_s: float) -> int:
+        plan, result = payload
+        rep = self.replicas[r]
+        sched = rep.scheduler
+        finished = sched.on_plan_done(plan, result.end_s)
+        used, total = sched.kv_blocks_used, sched.kv_blocks_total
+        for s in range(result.stage_end_s.size):
+            self.steps.append(r, plan.step, s, float(result.stage_start_s[s]),
+                              float(result.stage_end_s[s]), plan.num_requests,
+                              plan.num_prefill_tokens, plan.num_decode_tokens,
+                              float(result.stage_compute_s[s]), float(result.stage_comm_s[s]),
+                              used, total, micro_batch=plan.micro_batch)
+        rep.free_slots.append(plan.micro_batch)
+        rep.free_slots.sort()
+        self._wake(r, now_s)
+        return int(finished.size)
+
+    def _run_done(self, r: int, num_finished: int, now_s: float) -> int:
+        self.replicas[r].free_slots.append(0)
+        self._wake(r, now_s)
+        return num_finished
