@@ -243,8 +243,10 @@ def _column_to_numpy(table, name: str, source: str, row_offset: int):
                          f"(only session_id may be null)")
     want = ALL_COLUMNS[name]
     if name == "prefix_block_hashes":
+        # .values ignores a slice's offset; cut the child array to this slice's range.
         offsets = col.offsets.to_numpy()
-        values = col.values.to_numpy(zero_copy_only=False).astype(np.int64, copy=False)
+        values = col.values.to_numpy(zero_copy_only=False)[offsets[0]:offsets[-1]]
+        values = values.astype(np.int64, copy=False)
         return np.split(values, offsets[1:-1] - offsets[0]) if len(col) else []
     if pa.types.is_string(want):
         return col.to_numpy(zero_copy_only=False).astype(object, copy=False)

@@ -96,6 +96,8 @@ def test_batches_cover_all_rows_in_order(tmp_path):
     assert [len(b) for b in batches] == [300, 300, 300, 100]
     ids = np.concatenate([b.request_id for b in batches])
     assert ids.tolist() == [f"q{i}" for i in range(1000)]
+    hashes = [h.tolist() for b in batches for h in b.prefix_block_hashes]
+    assert hashes == [list(range(i % 3)) for i in range(1000)]
 
 
 def test_batch_errors_use_global_row_numbers(tmp_path):
