@@ -165,7 +165,9 @@ class Simulation:
             start = max(now_s, float(rep.stage_free_s[0]))
             result = self.executor.execute(plan, start, rep.stage_free_s)
             rep.stage_free_s[:] = result.stage_end_s
-            self._push(result.end_s, _DONE, r, (plan, result))
+            # KV in use while the plan runs: after forming it, before anything it finishes is
+            # freed (the same definition as a fast-forwarded run's rows).
+            self._push(result.end_s, _DONE, r, (plan, result, sched.kv_blocks_used))
 
     def _start_decode_run(self, r: int, now_s: float) -> bool:
         sched = self.replicas[r].scheduler
@@ -198,11 +200,11 @@ class Simulation:
 
     # ---- completions ------------------------------------------------------------------------
     def _plan_done(self, r: int, payload: tuple[BatchPlan, StepResult], now_s: float) -> int:
-        plan, result = payload
+        plan, result, used = payload
         rep = self.replicas[r]
         sched = rep.scheduler
         finished = sched.on_plan_done(plan, result.end_s)
-        used, total = sched.kv_blocks_used, sched.kv_blocks_total
+        total = sched.kv_blocks_total
         for s in range(result.stage_end_s.size):
             self.steps.append(r, plan.step, s, float(result.stage_start_s[s]),
                               float(result.stage_end_s[s]), plan.num_requests,
