@@ -53,6 +53,7 @@ class KVManager:
             for i, h in enumerate(requests.prefix_block_hashes):
                 if h is not None:
                     self._hash_limit[i] = min(int(h.size) * hbt, int(requests.prompt_tokens[i]))
+        self._any_hashes = bool(self._hash_limit.any())
         self._total_blocks_held = 0  # sum of num_req_blocks (shared blocks counted per holder)
         self._total_slot_tokens = 0
         self.num_prefix_queries = 0
@@ -132,6 +133,8 @@ class KVManager:
 
     def _cache_new_full_blocks(self, reqs: np.ndarray) -> None:
         """Offer newly full, hashed blocks of ``reqs`` to the prefix cache."""
+        if not self._any_hashes:
+            return
         target = np.minimum(self.num_slot_tokens[reqs], self._hash_limit[reqs]) // self.block_size
         todo = np.flatnonzero(target > self._num_cached[reqs])
         for j in todo.tolist():

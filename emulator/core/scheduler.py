@@ -57,6 +57,10 @@ class SchedulerConfig(BaseModel):
 
     @model_validator(mode="after")
     def _check(self) -> SchedulerConfig:
+        # vLLM's check too: with fewer tokens than seats, the newest decodes would starve.
+        if self.max_num_batched_tokens < self.max_num_seqs:
+            raise ValueError(f"max_num_batched_tokens={self.max_num_batched_tokens} must be >= "
+                             f"max_num_seqs={self.max_num_seqs} (one decode token per sequence)")
         if self.hash_block_tokens is not None and self.hash_block_tokens % self.block_size:
             raise ValueError(f"hash_block_tokens={self.hash_block_tokens} must be a multiple of "
                              f"block_size={self.block_size}")

@@ -58,7 +58,8 @@ def test_three_requests_chunked_prefill_step_by_step() -> None:
 
 def test_without_chunked_prefill_a_prompt_waits_for_a_whole_budget() -> None:
     t = table([20, 20], [2, 2])
-    s = Scheduler(SchedulerConfig(max_num_batched_tokens=32, enable_chunked_prefill=False), 20, t)
+    s = Scheduler(SchedulerConfig(max_num_batched_tokens=32, max_num_seqs=8,
+                                  enable_chunked_prefill=False), 20, t)
     s.add_request(0, 0.0)
     s.add_request(1, 0.0)
     log = run_to_end(s)
@@ -109,7 +110,7 @@ def test_request_that_cannot_get_a_block_preempts_itself_and_goes_first_in_line(
 def test_rejects_requests_that_can_never_run() -> None:
     t = table([100, 30, 10], [100, 10, 1])
     s = Scheduler(SchedulerConfig(block_size=16, enable_chunked_prefill=False,
-                                  max_num_batched_tokens=32), 10, t)
+                                  max_num_batched_tokens=32, max_num_seqs=8), 10, t)
     assert not s.add_request(0, 0.0)  # 199 tokens need 13 blocks > 10
     assert not s.add_request(1, 0.0)  # 39 tokens > 32 without chunked prefill
     assert s.add_request(2, 0.0)
@@ -129,6 +130,8 @@ def test_config_checks() -> None:
         SchedulerConfig(hash_block_tokens=40)
     with pytest.raises(ValidationError):
         SchedulerConfig(max_num_seqs=4, typo=1)
+    with pytest.raises(ValidationError, match="must be >= max_num_seqs=256"):
+        SchedulerConfig(max_num_batched_tokens=128)
 
 
 def test_record_slots_matches_block_tables() -> None:
@@ -179,7 +182,7 @@ def test_same_inputs_give_identical_results() -> None:
 
 def test_pipeline_micro_batches_hold_disjoint_requests() -> None:
     t = table([8, 8, 8, 8], [5, 5, 5, 5])
-    s = Scheduler(SchedulerConfig(block_size=4, max_num_batched_tokens=16), 100, t,
+    s = Scheduler(SchedulerConfig(block_size=4, max_num_batched_tokens=16, max_num_seqs=16), 100, t,
                   num_micro_batches=2)
     for i in range(4):
         s.add_request(i, 0.0)
