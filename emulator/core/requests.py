@@ -19,10 +19,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from enum import IntEnum
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from emulator.errors import TraceError
+
+if TYPE_CHECKING:
+    from emulator.trace.schema import Trace
 
 
 class Status(IntEnum):
@@ -109,6 +113,13 @@ class RequestTable:
             replica=np.full(n, -1, np.int32),
             status=np.zeros(n, np.int8),
         )
+
+    @classmethod
+    def from_trace(cls, trace: Trace) -> RequestTable:
+        """Build from an :class:`emulator.trace.schema.Trace` (its hash granularity,
+        ``trace.prefix_block_size_tokens``, is the scheduler's ``hash_block_tokens``)."""
+        return cls.from_columns(trace.request_id, trace.arrival_time_s, trace.prompt_tokens,
+                                trace.output_tokens, trace.prefix_block_hashes)
 
     def __len__(self) -> int:
         return int(self.arrival_s.shape[0])
