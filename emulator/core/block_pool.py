@@ -42,6 +42,7 @@ class BlockPool:
         self._tail = num_blocks
         self._num_stale = 0  # invalidated entries in [head, tail)
         self._num_free = num_blocks
+        self._is_cached = np.zeros(num_blocks, bool)  # block has a prefix-cache key
         self._hash_of: dict[int, Hashable] = {}  # block -> its prefix-cache key
         self._block_of: dict[Hashable, int] = {}  # prefix-cache key -> block
 
@@ -104,10 +105,10 @@ class BlockPool:
         self.ref_cnt[out] = 1
         self._num_free -= n
         if self._hash_of:
-            for b in out.tolist():
-                key = self._hash_of.pop(b, None)
-                if key is not None and self._block_of.get(key) == b:
-                    del self._block_of[key]
+            evicted = out[self._is_cached[out]]
+            self._is_cached[evicted] = False
+            for b in evicted.tolist():
+                del self._block_of[self._hash_of.pop(b)]
         return out
 
     def free(self, blocks: np.ndarray) -> None:
@@ -146,6 +147,7 @@ class BlockPool:
             return False
         self._block_of[key] = block
         self._hash_of[block] = key
+        self._is_cached[block] = True
         return True
 
     def _compact(self, extra: int) -> None:

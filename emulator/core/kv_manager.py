@@ -23,6 +23,8 @@ import numpy as np
 from emulator.core.block_pool import BlockPool
 from emulator.core.requests import RequestTable
 
+_EMPTY = np.empty(0, np.int64)
+
 
 class KVManager:
     """Block tables, slot allocation and prefix reuse for the requests of one replica."""
@@ -179,11 +181,22 @@ class KVManager:
         self._cache_new_full_blocks(np.array([req]))
         return new
 
-    def allocate_bulk(self, reqs: np.ndarray, num_new_tokens: np.ndarray, need: np.ndarray) -> None:
+    def allocate_decode_slots(self, reqs: np.ndarray) -> np.ndarray | None:
+        """One more slot for each request (a decode step), all or nothing: the new blocks in
+        request order, or None with no change when the pool is short."""
+        one = np.ones(reqs.size, np.int64)
+        need = self.blocks_needed(reqs, one)
+        if int(need.sum()) > self.pool.num_free:
+            return None
+        return self.allocate_bulk(reqs, one, need)
+
+    def allocate_bulk(self, reqs: np.ndarray, num_new_tokens: np.ndarray, need: np.ndarray) -> np.ndarray:
         """Vectorized ``allocate_slots`` for requests that already hold their blocks; ``need``
         from :meth:`blocks_needed`. The caller guarantees ``need.sum() <= pool.num_free``.
-        Blocks are handed out in request order, as successive ``allocate_slots`` calls would."""
+        Blocks are handed out in request order, as successive ``allocate_slots`` calls would;
+        returns them."""
         total = int(need.sum())
+        new = _EMPTY
         if total:
             new = self.pool.allocate(total)
             starts = np.cumsum(need) - need
@@ -194,6 +207,7 @@ class KVManager:
         self.num_slot_tokens[reqs] += num_new_tokens
         self._total_slot_tokens += int(num_new_tokens.sum())
         self._cache_new_full_blocks(reqs)
+        return new
 
     def append_blocks(self, reqs: np.ndarray, counts: np.ndarray, pair_req: np.ndarray,
                       pair_index: np.ndarray, blocks: np.ndarray) -> None:

@@ -36,14 +36,18 @@ def test_allocate_slots_tables_slots_and_free_order() -> None:
     assert ids(kv.blocks_needed(reqs, one)) == [0, 0]
     kv.allocate_bulk(reqs, np.array([8, 6]), kv.blocks_needed(reqs, np.array([8, 6])))
     assert ids(kv.num_slot_tokens[:2]) == [48, 16]
-    need = kv.blocks_needed(reqs, one)
-    assert ids(need) == [1, 1]
-    kv.allocate_bulk(reqs, one, need)  # blocks handed out in request order
+    assert ids(kv.blocks_needed(reqs, one)) == [1, 1]
+    assert ids(kv.allocate_decode_slots(reqs)) == [4, 5]  # handed out in request order
     assert ids(kv.block_table(0)) == [0, 1, 2, 4] and ids(kv.block_table(1)) == [3, 5]
     assert kv.internal_fragmentation_tokens == (4 * 16 - 49) + (2 * 16 - 17)
+    kv.allocate_slots(1, 15)  # request 1 fills block 5: 1 free block left
+    assert kv.pool.num_free == 5 and kv.allocate_slots(1, 6 * 16) is None
+    kv.allocate_slots(0, 15 + 4 * 16)  # request 0 takes 4 more blocks: 1 free
+    assert kv.allocate_decode_slots(reqs) is None  # both need a block: all or nothing
+    assert kv.pool.num_free == 1 and ids(kv.num_slot_tokens[:2]) == [128, 32]
     kv.free(0)
-    assert ids(kv.pool.free_queue_order()) == [6, 7, 8, 9, 10, 4, 2, 1, 0]
-    assert kv.num_used_blocks == 2 and kv.internal_fragmentation_tokens == 2 * 16 - 17
+    assert ids(kv.pool.free_queue_order()) == [10, 9, 8, 7, 6, 4, 2, 1, 0]
+    assert kv.num_used_blocks == 2 and kv.internal_fragmentation_tokens == 0
 
 
 def test_prefix_reuse_at_coarse_hash_granularity() -> None:
