@@ -11,11 +11,12 @@ import sys
 
 import click
 
-from emulator.errors import UserError
+from emulator.errors import RunError, UserError
 
 
 class _Group(click.Group):
-    """Turns a UserError raised anywhere below into one clean line and exit code 2."""
+    """Turns a UserError raised anywhere below into one clean line and exit code 2, a
+    RunError (a failed rank or collective) into one line and exit code 1."""
 
     def invoke(self, ctx: click.Context):
         try:
@@ -23,6 +24,12 @@ class _Group(click.Group):
         except UserError as exc:
             click.echo(f"error: {exc}", err=True)
             ctx.exit(2)
+        except RunError as exc:
+            click.echo(f"run failed: {exc}", err=True)
+            ctx.exit(1)
+        except KeyboardInterrupt:
+            click.echo("interrupted", err=True)
+            ctx.exit(130)
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})

@@ -43,6 +43,33 @@ def simulate(config_file, outdir, no_fast_forward, **values):
     _print(summary, outdir)
 
 
+@click.command()
+@config_options(COMMON_FIELDS + EMULATION_FIELDS)
+@click.option("-o", "--output", "outdir", type=click.Path(path_type=Path), required=True,
+              help="Output directory (created; tables and summary.json are written atomically).")
+def emulate(config_file, outdir, **values):
+    """Emulate a trace on Ray workers: real collectives, real KV blocks, delayed compute."""
+    from emulator.build import build_run
+    from emulator.runtime.executor import emulate as run
+
+    cfg = _config(config_file, values)
+    writer = RunWriter(outdir)
+    setup = build_run(cfg, record_slots=True)
+
+    def flush(tables, exc):
+        writer.flush_partial(requests=tables.requests, steps=tables.steps,
+                             collectives=tables.collectives, mode="emulate", config=cfg,
+                             extra=tables.extra, error=exc)
+
+    with request_progress(len(setup.trace), "emulating") as advance:
+        tables = run(setup, on_progress=advance, on_partial=flush)
+    summary = writer.finish(requests=tables.requests, steps=tables.steps,
+                            collectives=tables.collectives, mode="emulate", config=cfg,
+                            nodes={"rank_node_ip": tables.extra.pop("nodes", None)},
+                            extra=tables.extra)
+    _print(summary, outdir)
+
+
 def _print(summary, outdir) -> None:
     console = Console()
     console.print(summary_table(summary, title=f"{summary['mode']}: {outdir}"))
@@ -51,4 +78,4 @@ def _print(summary, outdir) -> None:
                       f"{summary['extra']['rejections'][0]}")
 
 
-commands = [simulate]
+commands = [simulate, emulate]

@@ -1,0 +1,300 @@
+"""The emulation loop: the same schedulers and router as the simulator, driven in real time,
+with every plan executed by the Ray workers (real delays, real collectives, real KV writes).
+
+Time: the loop's clock is the driver's monotonic clock minus its start, divided by
+``dilation`` (target seconds). A request arrives at ``arrival_s * dilation`` host seconds;
+a plan is submitted to all ranks of its replica with one round of Ray calls, and its step
+ends when the last stage's ranks finish; the scheduler learns of it then. With PP, up to
+``pp`` plans per replica are in flight (queued on the stage-0 actors); DP replicas run
+concurrently.
+
+Crash safety: records of finished steps stay in ``self.steps`` / ``self.collectives`` and
+``self.requests``; the caller flushes them (``tables()``) before re-raising a failure.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import ray
+
+from emulator.build import RunSetup
+from emulator.core.plan import BatchPlan
+from emulator.errors import RunError
+from emulator.metrics.records import CollectiveRecords, StepRecords
+from emulator.runtime.cluster import PendingStep, WorkerGroup
+from emulator.runtime.records import AXES, OPS
+from emulator.runtime.records import StepRecords as RankRecords
+from emulator.runtime.shards import ELEMENT_BYTES, stage_weight_shapes
+from emulator.simulator.run import RunTables, request_table, run_extra
+
+_OPS = np.array(OPS, dtype=object)
+_AXES = np.array(AXES, dtype=object)
+
+
+@dataclass
+class _InFlight:
+    plan: BatchPlan
+    pending: PendingStep
+    kv_blocks_used: int
+    remaining: list = field(default_factory=list)
+    """Object refs of ranks that have not reported yet."""
+
+
+@dataclass
+class ControlStats:
+    """Where the driver's wall time went (host seconds)."""
+
+    wall_s: float = 0.0
+    num_steps: int = 0
+    schedule_s: float = 0.0
+    """Scheduling, pricing and record keeping on the driver."""
+    idle_s: float = 0.0
+    """Sleeping with nothing in flight, waiting for the next arrival."""
+    per_rank_compute_s: list[float] = field(default_factory=list)
+
+
+class Emulation:
+    """One emulated run on an existing WorkerGroup; call :meth:`run` once."""
+
+    def __init__(self, setup: RunSetup, group: WorkerGroup) -> None:
+        self.setup = setup
+        self.group = group
+        self.dilation = setup.config.dilation
+        self.requests = setup.new_requests()
+        self.schedulers = setup.new_schedulers(self.requests)
+        self.router = setup.new_router()
+        self.steps = StepRecords()
+        self.collectives = CollectiveRecords()
+        self.stats = ControlStats()
+        self.t0 = 0.0
+        self._order = np.argsort(self.requests.arrival_s, kind="stable")
+        self._next = 0
+        pp = setup.layout.pp
+        self._free_slots = [list(range(pp)) for _ in self.schedulers]
+        self._inflight: list[_InFlight] = []
+        # Blocks in use per replica at the last submission: freed ones are released on the
+        # workers before the next step writes into the pool.
+        self._used = [np.zeros(s.kv_blocks_total, bool) for s in self.schedulers]
+
+    # ---- set-up -------------------------------------------------------------------------
+    def allocate(self) -> list:
+        """Weight shards and the KV pool on every rank (real tensors x memory_scale)."""
+        setup, cfg = self.setup, self.setup.config
+        shapes = stage_weight_shapes(setup.model, setup.layout)
+        block_elems = setup.memory.kv_bytes_per_block_per_rank // ELEMENT_BYTES
+        refs = []
+        for rank, actor in enumerate(self.group.actors):
+            stage = setup.layout.rank_coords(rank)[1]
+            refs.append(actor.allocate.remote(shapes[stage], setup.memory.num_kv_blocks,
+                                              block_elems, cfg.memory_scale,
+                                              kv_block_size_tokens=cfg.block_size))
+        return self.group._get(refs, cfg.timeout_s, "allocate weights and KV pools")
+
+    # ---- clock --------------------------------------------------------------------------
+    def _now_s(self) -> float:
+        return (time.monotonic() - self.t0) / self.dilation
+
+    def _to_target(self, host_s: np.ndarray | float):
+        return (host_s - self.t0) / self.dilation
+
+    # ---- loop ---------------------------------------------------------------------------
+    def run(self, on_progress: Callable[[int], None] | None = None) -> None:
+        self.t0 = time.monotonic()
+        n = len(self.requests)
+        while True:
+            now_s = self._now_s()
+            while self._next < n and self.requests.arrival_s[self._order[self._next]] <= now_s:
+                self._arrive(int(self._order[self._next]), now_s)
+                self._next += 1
+            tick = time.monotonic()
+            for r in range(len(self.schedulers)):
+                self._submit(r, now_s)
+            self.stats.schedule_s += time.monotonic() - tick
+            if not self._inflight:
+                if self._next >= n:
+                    if not any(s.has_work for s in self.schedulers):
+                        break
+                    raise RunError("the schedulers hold requests but form no plan with "
+                                   "nothing in flight (a scheduler bug); stopping")
+                wait_s = self.requests.arrival_s[self._order[self._next]] * self.dilation \
+                    - (time.monotonic() - self.t0)
+                if wait_s > 0:
+                    time.sleep(wait_s)
+                    self.stats.idle_s += wait_s
+                continue
+            finished = self._wait_and_complete()
+            if finished and on_progress is not None:
+                on_progress(finished)
+        self.stats.wall_s = time.monotonic() - self.t0
+
+    def _arrive(self, idx: int, now_s: float) -> None:
+        r = self.router.route_to(idx, self.schedulers)
+        self.schedulers[r].add_request(idx, now_s)
+
+    def _submit(self, r: int, now_s: float) -> None:
+        sched, slots = self.schedulers[r], self._free_slots[r]
+        while slots and sched.has_work:
+            plan = sched.schedule(now_s, slots[0])
+            if plan is None:
+                return
+            slots.pop(0)
+            self._release_freed_blocks(r)
+            req = self.requests
+            idx = plan.request_index
+            work = self.setup.cost.step_work(
+                plan, prompt_tokens=req.prompt_tokens[idx] + req.num_output_tokens[idx])
+            pending = self.group.submit_replica_step(r, work, plan.new_slot_ids, self.dilation,
+                                                     step_key=(plan.step, plan.micro_batch))
+            self._inflight.append(_InFlight(plan, pending, sched.kv_blocks_used,
+                                            list(pending.refs)))
+
+    def _release_freed_blocks(self, r: int) -> None:
+        used = self.schedulers[r].kv.pool.ref_cnt > 0
+        freed = np.flatnonzero(self._used[r] & ~used)
+        self._used[r] = used
+        if freed.size:
+            bs = self.setup.config.block_size
+            for rank in self._replica_ranks(r):
+                self.group.actors[rank].free_kv_blocks.remote(freed, bs)
+
+    def _replica_ranks(self, r: int) -> list[int]:
+        lay = self.setup.layout
+        return [lay.rank_of(r, p, t) for p in range(lay.pp) for t in range(lay.tp)]
+
+    def _wait_and_complete(self) -> int:
+        """Block until a rank reports, the next arrival is due, or a step's deadline passes;
+        then complete every step whose ranks have all reported (or raise past a deadline)."""
+        pending = [ref for f in self._inflight for ref in f.remaining]
+        now = time.monotonic()
+        timeout_s = min(f.pending.deadline_s for f in self._inflight) - now
+        if self._next < len(self.requests):
+            due = self.t0 + self.requests.arrival_s[self._order[self._next]] * self.dilation
+            timeout_s = min(timeout_s, due - now)
+        ready = set(ray.wait(pending, num_returns=1, timeout=max(0.0, timeout_s))[0])
+        if ready:
+            # Collect everything else that is done too, without waiting.
+            ready |= set(ray.wait(pending, num_returns=len(pending), timeout=0)[0])
+        finished, still = 0, []
+        for f in self._inflight:
+            f.remaining = [ref for ref in f.remaining if ref not in ready]
+            if not f.remaining or time.monotonic() >= f.pending.deadline_s:
+                finished += self._complete(f)  # collect() raises RunError past the deadline
+            else:
+                still.append(f)
+        self._inflight = still
+        return finished
+
+    def _complete(self, f: _InFlight) -> int:
+        recs: list[RankRecords] = self.group.collect(f.pending)
+        tick = time.monotonic()
+        plan = f.plan
+        r = plan.replica
+        pp = self.setup.layout.pp
+        stage_start = np.empty(pp)
+        stage_end = np.empty(pp)
+        stage_compute = np.zeros(pp)
+        stage_comm = np.zeros(pp)
+        for s in range(pp):
+            mine = [x for x in recs if x.stage == s]
+            starts = []
+            for x in mine:
+                # A receiving stage starts when its activations have arrived.
+                recv = x.coll_op == OPS.index("recv")
+                starts.append(x.coll_exit_s[recv].max() if recv.any() else x.start_s)
+            stage_start[s] = max(starts)
+            stage_end[s] = max(x.end_s for x in mine)
+            stage_compute[s] = max(x.compute_s for x in mine)
+            stage_comm[s] = max(float((x.coll_exit_s - x.coll_entry_s)[x.coll_op != OPS.index("recv")].sum())
+                                for x in mine)
+        end_s = float(self._to_target(stage_end[-1]))
+        sched = self.schedulers[r]
+        finished = sched.on_plan_done(plan, end_s)
+        self._free_slots[r].append(plan.micro_batch)
+        self._free_slots[r].sort()
+        d = self.dilation
+        for s in range(pp):
+            self.steps.append(r, plan.step, s, float(self._to_target(stage_start[s])),
+                              float(self._to_target(stage_end[s])), plan.num_requests,
+                              plan.num_prefill_tokens, plan.num_decode_tokens,
+                              stage_compute[s] / d, stage_comm[s] / d, f.kv_blocks_used,
+                              sched.kv_blocks_total, micro_batch=plan.micro_batch)
+        self._record_collectives(plan, recs)
+        self.stats.num_steps += 1
+        self.stats.schedule_s += time.monotonic() - tick
+        return int(finished.size)
+
+    def _record_collectives(self, plan: BatchPlan, recs: list[RankRecords]) -> None:
+        lay = self.setup.layout
+        r = plan.replica
+        cols: dict[str, list[np.ndarray]] = {k: [] for k in (
+            "rank", "stage", "layer", "axis", "op", "group", "seq", "bytes", "entry_s", "exit_s")}
+        for x in recs:
+            c = x.num_collectives
+            if c == 0:
+                continue
+            _, stage, tp_index = lay.rank_coords(x.rank)
+            ops = _OPS[x.coll_op]
+            groups = np.empty(c, dtype=object)
+            seq = np.zeros(c, np.int64)
+            is_p2p = (ops == "send") | (ops == "recv")
+            groups[~is_p2p] = f"tp/dp{r}/pp{stage}"
+            seq[~is_p2p] = np.arange(int((~is_p2p).sum()))
+            send = ops == "send"
+            groups[send] = f"pp/dp{r}/tp{tp_index}/{stage}>{stage + 1}"
+            groups[ops == "recv"] = f"pp/dp{r}/tp{tp_index}/{stage - 1}>{stage}"
+            cols["rank"].append(np.full(c, x.rank))
+            cols["stage"].append(np.full(c, stage))
+            cols["layer"].append(x.coll_layer)
+            cols["axis"].append(_AXES[x.coll_axis])
+            cols["op"].append(ops)
+            cols["group"].append(groups)
+            cols["seq"].append(seq)
+            cols["bytes"].append(x.coll_bytes)
+            cols["entry_s"].append(self._to_target(x.coll_entry_s))
+            cols["exit_s"].append(self._to_target(x.coll_exit_s))
+        if not cols["rank"]:
+            return
+        merged = {k: np.concatenate(v) for k, v in cols.items()}
+        n = merged["rank"].size
+        merged.update(replica=np.full(n, r), step=np.full(n, plan.step),
+                      micro_batch=np.full(n, plan.micro_batch))
+        self.collectives.extend(merged)
+
+    # ---- results ------------------------------------------------------------------------
+    def tables(self) -> RunTables:
+        """The run's tables so far (complete after run() returns)."""
+        extra = run_extra(self.setup, self.requests)
+        st = self.stats
+        extra["control"] = {"wall_s": st.wall_s, "num_steps": st.num_steps,
+                            "driver_busy_s": st.schedule_s, "idle_s": st.idle_s}
+        return RunTables(requests=request_table(self.requests).to_table(),
+                         steps=self.steps.to_table(), collectives=self.collectives.finalize(),
+                         extra=extra)
+
+
+def emulate(setup: RunSetup, *, on_progress: Callable[[int], None] | None = None,
+            on_partial: Callable[[RunTables, BaseException], None] | None = None) -> RunTables:
+    """Run ``setup`` on Ray workers (an embedded local Ray unless config.address is set).
+
+    On failure ``on_partial(tables_so_far, error)`` is called before the error propagates,
+    so the caller can write the finished work."""
+    from emulator.runtime.ray_setup import start_ray
+
+    cfg = setup.config
+    with start_ray(cfg.address):
+        with WorkerGroup(setup.layout, backend=cfg.backend, timeout_s=cfg.timeout_s) as group:
+            emu = Emulation(setup, group)
+            try:
+                emu.allocate()
+                emu.run(on_progress)
+            except BaseException as exc:
+                if on_partial is not None:
+                    on_partial(emu.tables(), exc)
+                raise
+            tables = emu.tables()
+            tables.extra["nodes"] = group.node_ip_of_rank()
+            return tables
