@@ -1,0 +1,212 @@
+"""Rank topology, process groups, and timed collectives.
+
+A rank sits at mesh coordinates ``(dp, pp, tp)`` given by the layout; everything here is
+derived from ``layout.rank_coords`` so that the driver and every worker agree on it.
+Process groups: the world group, then one subgroup per axis of size > 1; torch requires
+every rank to call ``new_group`` for every group, in the same order, even for groups it
+is not in (the order below is a pure function of the layout).
+
+:class:`TimedCollectives` wraps the torch ops: each call is timed (entry/exit on the
+node's monotonic clock), recorded, numbered by its position in the step program (for
+diagnosing hangs, see records.CollectiveState), and may be skipped once by a debug hook.
+"""
+
+from __future__ import annotations
+
+import datetime
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from emulator.runtime.ray_setup import LayoutLike
+from emulator.runtime.records import AXES, OPS, CollectiveState, StepRecorder
+
+PROCESS_GROUP_AXES = ("tp", "pp", "dp", "ep")
+"""Axes that get a subgroup when their degree is > 1, in creation order."""
+
+
+@dataclass(frozen=True, slots=True)
+class RankTopology:
+    """One rank's place in the mesh and its peers."""
+
+    rank: int
+    world_size: int
+    replica: int
+    stage: int
+    tp_index: int
+    num_stages: int
+    tp_ranks: tuple[int, ...]
+    """Ranks of this rank's TP group, by TP index (just this rank when tp == 1)."""
+    prev_stage_rank: int | None
+    """Rank of the previous pipeline stage with the same (dp, tp) index; None on stage 0."""
+    next_stage_rank: int | None
+    """Rank of the next pipeline stage with the same (dp, tp) index; None on the last."""
+
+
+def world_size_of(layout: LayoutLike) -> int:
+    return layout.dp * layout.pp * layout.tp
+
+
+def coords_to_rank(layout: LayoutLike) -> dict[tuple[int, int, int], int]:
+    """(dp, pp, tp) -> rank for every rank of the layout."""
+    return {tuple(layout.rank_coords(r)): r for r in range(world_size_of(layout))}
+
+
+def stage_ranks(layout: LayoutLike, replica: int) -> list[list[int]]:
+    """Per pipeline stage of DP replica ``replica``, its ranks ordered by TP index."""
+    by_coords = coords_to_rank(layout)
+    return [[by_coords[(replica, s, t)] for t in range(layout.tp)] for s in range(layout.pp)]
+
+
+def rank_topology(layout: LayoutLike, rank: int) -> RankTopology:
+    dp, pp, tp = layout.rank_coords(rank)
+    by_coords = coords_to_rank(layout)
+    return RankTopology(
+        rank=rank, world_size=world_size_of(layout), replica=dp, stage=pp, tp_index=tp,
+        num_stages=layout.pp,
+        tp_ranks=tuple(by_coords[(dp, pp, t)] for t in range(layout.tp)),
+        prev_stage_rank=by_coords[(dp, pp - 1, tp)] if pp > 0 else None,
+        next_stage_rank=by_coords[(dp, pp + 1, tp)] if pp + 1 < layout.pp else None)
+
+
+def axis_groups(layout: LayoutLike, axis: str) -> list[list[int]]:
+    """All groups along ``axis`` in a fixed order (ranks that differ only in that axis)."""
+    if axis == "ep":
+        return [list(g) for g in layout.groups("ep")]
+    index = {"dp": 0, "pp": 1, "tp": 2}[axis]
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for rank in range(world_size_of(layout)):
+        coords = list(layout.rank_coords(rank))
+        coords[index] = -1
+        groups.setdefault(tuple(coords), []).append(rank)
+    return [sorted(g, key=lambda r: layout.rank_coords(r)[index]) for g in groups.values()]
+
+
+def init_process_groups(layout: LayoutLike, rank: int, *, backend: str, master_addr: str,
+                        master_port: int, timeout_s: float) -> dict[str, Any]:
+    """Join the world group and create every axis subgroup; return axis -> this rank's group
+    (plus "world" -> None, torch's handle for the default group). Must run concurrently on
+    all ranks (the rendezvous blocks until all have joined)."""
+    timeout = datetime.timedelta(seconds=timeout_s)
+    dist.init_process_group(backend, init_method=f"tcp://{master_addr}:{master_port}",
+                            rank=rank, world_size=world_size_of(layout), timeout=timeout)
+    mine: dict[str, Any] = {"world": None}
+    for axis in PROCESS_GROUP_AXES:
+        if getattr(layout, axis, 1) <= 1:
+            continue
+        for ranks in axis_groups(layout, axis):
+            group = dist.new_group(ranks, timeout=timeout)
+            if rank in ranks:
+                mine[axis] = group
+    return mine
+
+
+@dataclass(slots=True)
+class _StepProgress:
+    step_key: object = None
+    position: int = 0
+    blocked: bool = False
+    done: bool = True
+    entered_tp: list[int] = field(default_factory=list)
+    entered_pp: list[tuple[int, int]] = field(default_factory=list)
+    ops: dict[int, tuple[str, str, int]] = field(default_factory=dict)
+    error: str = ""
+
+
+class TimedCollectives:
+    """Timed, recorded torch collectives for one rank. Not thread-safe for two steps at
+    once (the worker runs steps on one thread); ``state()`` may be read from another."""
+
+    def __init__(self, rank: int, groups: dict[str, Any], device: torch.device,
+                 clock: Callable[[], float], synchronize: Callable[[], None]) -> None:
+        self.rank = rank
+        self._groups = groups
+        self._device = device
+        self._clock = clock
+        # On CUDA the op is asynchronous; synchronizing makes the exit time the real one.
+        self._synchronize = synchronize
+        self._buffers: dict[tuple[str, int], torch.Tensor] = {}
+        self._skip_next = False
+        self._progress = _StepProgress()
+        self.recorder = StepRecorder()
+
+    # -- step lifecycle -------------------------------------------------------------------
+    def begin_step(self, step_key: object) -> StepRecorder:
+        self._progress = _StepProgress(step_key=step_key, done=False)
+        self.recorder = StepRecorder()
+        return self.recorder
+
+    def end_step(self) -> None:
+        self._progress.done = True
+
+    def fail_step(self, exc: BaseException) -> None:
+        self._progress.error = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+    def skip_next_collective(self) -> None:
+        """Debug hook: the next collective of this rank is not called (fault injection)."""
+        self._skip_next = True
+
+    def state(self) -> CollectiveState:
+        p = self._progress
+        return CollectiveState(
+            rank=self.rank, step_key=p.step_key, position=p.position, blocked=p.blocked,
+            done=p.done, entered_tp=list(p.entered_tp), entered_pp=list(p.entered_pp),
+            ops=dict(p.ops), error=p.error)
+
+    # -- buffers --------------------------------------------------------------------------
+    def buffer(self, purpose: str, num_bytes: int) -> torch.Tensor:
+        """A cached zero tensor of exactly ``num_bytes`` (bf16 when even, else uint8).
+        Zeros stay zeros under summation, so reused buffers never overflow to inf/NaN."""
+        key = (purpose, num_bytes)
+        buf = self._buffers.get(key)
+        if buf is None:
+            buf = torch.zeros(num_bytes, dtype=torch.uint8, device=self._device)
+            if num_bytes % 2 == 0:
+                buf = buf.view(torch.bfloat16)
+            self._buffers[key] = buf
+        return buf
+
+    # -- ops ------------------------------------------------------------------------------
+    def _run(self, op: str, axis: str, layer: int, peer: int, num_bytes: int, call) -> None:
+        p = self._progress
+        position = p.position
+        if self._skip_next:
+            self._skip_next = False
+            p.position += 1
+            return
+        p.ops[position] = (op, axis, layer)
+        if op in ("send", "recv"):
+            p.entered_pp.append((self.rank, peer) if op == "send" else (peer, self.rank))
+        else:
+            p.entered_tp.append(position)
+        p.blocked = True
+        entry_s = self._clock()
+        call()
+        self._synchronize()
+        exit_s = self._clock()
+        p.blocked = False
+        p.position += 1
+        self.recorder.add_collective(OPS.index(op), AXES.index(axis), layer, peer, num_bytes,
+                                     entry_s, exit_s)
+
+    def all_reduce(self, axis: str, num_bytes: int, layer: int) -> None:
+        buf = self.buffer("act", num_bytes)
+        self._run("all_reduce", axis, layer, -1, num_bytes,
+                  lambda: dist.all_reduce(buf, group=self._groups[axis]))
+
+    def all_gather(self, axis: str, num_bytes: int, layer: int, group_size: int) -> None:
+        shard = self.buffer("gather_in", num_bytes)
+        out = self.buffer("gather_out", num_bytes * group_size)
+        self._run("all_gather", axis, layer, -1, num_bytes,
+                  lambda: dist.all_gather_single(out, shard, group=self._groups[axis]))
+
+    def send(self, dst: int, num_bytes: int) -> None:
+        buf = self.buffer("act", num_bytes)
+        self._run("send", "pp", -1, dst, num_bytes, lambda: dist.send(buf, dst=dst))
+
+    def recv(self, src: int, num_bytes: int) -> None:
+        buf = self.buffer("act", num_bytes)
+        self._run("recv", "pp", -1, src, num_bytes, lambda: dist.recv(buf, src=src))

@@ -1,0 +1,144 @@
+"""What a worker sends back to the driver: columnar per-step records and, after a failure,
+its collective state.
+
+Records are numpy columns (one row per collective or compute delay) so a step's payload
+through Ray stays a few KiB even with hundreds of layers. Times are seconds on the driver's
+monotonic clock: the worker's ``time.monotonic_ns`` plus the clock offset the driver set for
+its node (0 on the driver's node, where all processes share CLOCK_MONOTONIC).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+OPS = ("all_reduce", "all_gather", "send", "recv", "all_to_all")
+"""Collective op names; ``StepRecords.coll_op`` holds indices into this tuple."""
+AXES = ("tp", "pp", "ep", "dp", "world")
+"""Mesh axis names; ``StepRecords.coll_axis`` holds indices into this tuple."""
+COMPUTE_KINDS = ("pre", "attn", "mlp", "post")
+"""Compute delay kinds; ``StepRecords.comp_kind`` holds indices into this tuple.
+pre = embedding (stage 0), attn = norm+QKV+attention+output projection, mlp = MLP or
+experts, post = final norm + LM head + sampling (last stage)."""
+
+NO_LAYER = -1
+"""``coll_layer`` / ``comp_layer`` of work that belongs to no decoder layer (embedding,
+logits, pipeline transfers)."""
+
+
+@dataclass(slots=True)
+class StepRecords:
+    """One rank's measurements for one ``run_step``."""
+
+    rank: int
+    stage: int
+    step_key: object
+    """Opaque key the driver passed (e.g. ``(replica, step, micro_batch)``)."""
+    start_s: float
+    """When ``run_step`` began on this rank (before a pipeline recv)."""
+    end_s: float
+    """When the rank finished its part of the step (after its last send or gather)."""
+    compute_s: float
+    """Sum of the compute delays actually slept (measured, not requested)."""
+    num_tokens: int
+    num_sampled_tokens: int
+    num_kv_rows_written: int
+    """KV pool rows (slots) written this step: len(slot_ids), 0 without slot ids."""
+    coll_op: np.ndarray = field(repr=False)
+    """int8 [C]: index into OPS."""
+    coll_axis: np.ndarray = field(repr=False)
+    """int8 [C]: index into AXES."""
+    coll_layer: np.ndarray = field(repr=False)
+    """int32 [C]: global layer index, or NO_LAYER."""
+    coll_peer: np.ndarray = field(repr=False)
+    """int32 [C]: the other rank of a send/recv; -1 for group collectives."""
+    coll_bytes: np.ndarray = field(repr=False)
+    """int64 [C]: bytes this rank contributes (all_gather: its shard, not the output)."""
+    coll_entry_s: np.ndarray = field(repr=False)
+    """float64 [C]: when the rank called the op."""
+    coll_exit_s: np.ndarray = field(repr=False)
+    """float64 [C]: when the op returned on this rank."""
+    comp_kind: np.ndarray = field(repr=False)
+    """int8 [K]: index into COMPUTE_KINDS."""
+    comp_layer: np.ndarray = field(repr=False)
+    """int32 [K]: global layer index, or NO_LAYER."""
+    comp_start_s: np.ndarray = field(repr=False)
+    """float64 [K]"""
+    comp_end_s: np.ndarray = field(repr=False)
+    """float64 [K]"""
+
+    @property
+    def num_collectives(self) -> int:
+        return int(self.coll_op.shape[0])
+
+    def count(self, op: str, axis: str | None = None) -> int:
+        """Number of collectives of ``op`` (optionally on ``axis``) in this step."""
+        mask = self.coll_op == OPS.index(op)
+        if axis is not None:
+            mask &= self.coll_axis == AXES.index(axis)
+        return int(mask.sum())
+
+
+class StepRecorder:
+    """Appends rows while a step runs and freezes them into :class:`StepRecords`."""
+
+    __slots__ = ("_coll", "_comp")
+
+    def __init__(self) -> None:
+        self._coll: list[tuple[int, int, int, int, int, float, float]] = []
+        self._comp: list[tuple[int, int, float, float]] = []
+
+    def add_collective(self, op: int, axis: int, layer: int, peer: int, num_bytes: int,
+                       entry_s: float, exit_s: float) -> None:
+        self._coll.append((op, axis, layer, peer, num_bytes, entry_s, exit_s))
+
+    def add_compute(self, kind: int, layer: int, start_s: float, end_s: float) -> None:
+        self._comp.append((kind, layer, start_s, end_s))
+
+    def freeze(self, *, rank: int, stage: int, step_key: object, start_s: float, end_s: float,
+               num_tokens: int, num_sampled_tokens: int, num_kv_rows_written: int
+               ) -> StepRecords:
+        coll = list(zip(*self._coll)) if self._coll else [()] * 7
+        comp = list(zip(*self._comp)) if self._comp else [()] * 4
+        comp_start = np.asarray(comp[2], dtype=np.float64)
+        comp_end = np.asarray(comp[3], dtype=np.float64)
+        return StepRecords(
+            rank=rank, stage=stage, step_key=step_key, start_s=start_s, end_s=end_s,
+            compute_s=float((comp_end - comp_start).sum()), num_tokens=num_tokens,
+            num_sampled_tokens=num_sampled_tokens, num_kv_rows_written=num_kv_rows_written,
+            coll_op=np.asarray(coll[0], dtype=np.int8),
+            coll_axis=np.asarray(coll[1], dtype=np.int8),
+            coll_layer=np.asarray(coll[2], dtype=np.int32),
+            coll_peer=np.asarray(coll[3], dtype=np.int32),
+            coll_bytes=np.asarray(coll[4], dtype=np.int64),
+            coll_entry_s=np.asarray(coll[5], dtype=np.float64),
+            coll_exit_s=np.asarray(coll[6], dtype=np.float64),
+            comp_kind=np.asarray(comp[0], dtype=np.int8),
+            comp_layer=np.asarray(comp[1], dtype=np.int32),
+            comp_start_s=comp_start, comp_end_s=comp_end)
+
+
+@dataclass(slots=True)
+class CollectiveState:
+    """Where a rank is in its step program, for diagnosing a collective that never
+    completed. A *position* numbers the collectives of one rank's step program in order
+    (TP peers run the same program, so a TP collective has the same position on all of
+    them); pipeline transfers are keyed by ``(src, dst)`` instead."""
+
+    rank: int
+    step_key: object
+    position: int
+    """Position of the collective the rank is in, failed in, or will call next."""
+    blocked: bool
+    """True while inside, or after failing inside, the collective at ``position``."""
+    done: bool
+    """True once the step finished without error."""
+    entered_tp: list[int]
+    """Positions of the TP collectives the rank entered this step."""
+    entered_pp: list[tuple[int, int]]
+    """(src, dst) of the pipeline transfers the rank entered this step."""
+    ops: dict[int, tuple[str, str, int]]
+    """position -> (op, axis, layer) of every collective entered this step (for messages)."""
+    error: str = ""
+    """First line of the error the step raised, if any."""

@@ -1,0 +1,270 @@
+"""The Ray actor standing in for one GPU (one rank).
+
+It holds real memory (weight shards and a paged KV pool, scaled by ``memory_scale``), sleeps
+the cost model's compute delays and runs the real collectives of its pipeline stage
+(DESIGN.md sections 3-5). The driver (cluster.WorkerGroup) calls it.
+
+Threads: steps, allocation and teardown run in the default concurrency group (one thread,
+in submission order); ``ping``, ``clock``, ``collective_state`` and the debug hook run in a
+separate "control" group so the driver can query a rank that is blocked in a collective.
+
+One step on one rank (``run_step``), with ``d = dilation``:
+  stage > 0: recv activations from the previous stage (same TP index)
+  stage 0:   sleep pre_compute_s*d; all-reduce embed_allreduce_bytes over TP (if tp > 1)
+  per layer: sleep attn_compute_s*d; [first layer: write this step's KV rows];
+             all-reduce tp_allreduce_bytes; sleep mlp_compute_s*d; all-reduce again
+  last:      sleep post_compute_s*d; all-gather logits_gather_bytes per rank over TP
+  otherwise: send pp_send_bytes of activations to the next stage
+KV rows are written once per step, after the first layer's attention (one index_fill over
+all of the step's slots): a pool row stands for one token's KV in *all* of this stage's
+layers, so one write per step touches exactly the rows a real engine would fill.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import ray
+import torch
+import torch.distributed as dist
+
+from emulator.core.work import StageWork
+from emulator.runtime.delay import CudaStreamDelay, precise_sleep
+from emulator.runtime.groups import TimedCollectives, init_process_groups, rank_topology
+from emulator.runtime.ray_setup import LayoutLike
+from emulator.runtime.records import COMPUTE_KINDS, NO_LAYER, CollectiveState, StepRecords
+
+DTYPE = torch.bfloat16
+DTYPE_BYTES = 2
+
+
+@dataclass(slots=True)
+class AllocationReport:
+    """Memory one rank really holds, and the target bytes it stands for."""
+
+    rank: int
+    weight_bytes_allocated: int
+    weight_bytes_represented: int
+    """sum over shards of numel x 2 bytes, before scaling."""
+    kv_bytes_allocated: int
+    kv_bytes_represented: int
+    """kv_num_blocks x kv_block_elems x 2 bytes, before scaling."""
+    kv_num_rows: int
+    """Rows (slots) of the KV pool: kv_num_blocks x kv_block_size_tokens."""
+
+
+@ray.remote(concurrency_groups={"control": 1})
+class Worker:
+    """One emulated GPU. ``layout`` is a ParallelLayout (see ray_setup.LayoutLike)."""
+
+    def __init__(self, rank: int, layout: LayoutLike, backend: str = "gloo",
+                 timeout_s: float = 60.0, env: dict[str, str] | None = None) -> None:
+        if backend not in ("gloo", "nccl"):
+            raise ValueError(f"backend must be 'gloo' or 'nccl', got {backend!r}")
+        os.environ.update(env or {})  # before torch.distributed reads GLOO_SOCKET_IFNAME
+        self.rank = rank
+        self.layout = layout
+        self.backend = backend
+        self.timeout_s = timeout_s
+        self.topology = rank_topology(layout, rank)
+        self._clock_offset_s = 0.0
+        if backend == "nccl":
+            self._device = torch.device("cuda", 0)  # Ray exposes the assigned GPU as 0
+            torch.cuda.set_device(self._device)
+            cuda_delay = CudaStreamDelay()
+            self._delay = lambda s: (cuda_delay.enqueue(s), torch.cuda.synchronize())
+            self._synchronize = torch.cuda.synchronize
+        else:
+            self._device = torch.device("cpu")
+            self._delay = precise_sleep
+            self._synchronize = lambda: None
+        self._coll = TimedCollectives(rank, {}, self._device, self._now, self._synchronize)
+        self._weights: list[torch.Tensor] = []
+        self._kv_pool: torch.Tensor | None = None  # [rows, row_elems], a row = one slot
+        self._kv_written = np.zeros(0, dtype=bool)
+        self._num_kv_rows_in_use = 0
+        self._num_steps = 0
+
+    def _now(self) -> float:
+        return time.monotonic_ns() * 1e-9 + self._clock_offset_s
+
+    # -- set-up ---------------------------------------------------------------------------
+    @ray.method(concurrency_group="control")
+    def node_info(self) -> tuple[str, str]:
+        """(Ray node id, node IP) of this rank."""
+        return ray.get_runtime_context().get_node_id(), ray.util.get_node_ip_address()
+
+    @ray.method(concurrency_group="control")
+    def free_port(self) -> int:
+        """A TCP port free on this node (rank 0 hosts the rendezvous)."""
+        with socket.socket() as sock:
+            sock.bind(("", 0))
+            return sock.getsockname()[1]
+
+    def init_process_groups(self, master_addr: str, master_port: int, world_size: int) -> None:
+        if world_size != self.topology.world_size:
+            raise ValueError(f"world_size {world_size} != layout's {self.topology.world_size}")
+        groups = init_process_groups(self.layout, self.rank, backend=self.backend,
+                                     master_addr=master_addr, master_port=master_port,
+                                     timeout_s=self.timeout_s)
+        self._coll = TimedCollectives(self.rank, groups, self._device, self._now,
+                                      self._synchronize)
+
+    def allocate(self, weight_shapes: list[tuple[int, ...]], kv_num_blocks: int,
+                 kv_block_elems: int, memory_scale: float, *,
+                 kv_block_size_tokens: int = 16) -> AllocationReport:
+        """Hold the weight shards and the KV pool, element counts scaled by memory_scale.
+
+        The pool is ``[kv_num_blocks * kv_block_size_tokens, row_elems]`` with
+        ``row_elems = max(1, round(kv_block_elems * memory_scale / kv_block_size_tokens))``:
+        the ``[kv_num_blocks, block_elems]`` pool with each block split into its token rows,
+        so that slot ``block_id * block_size + offset`` is row ``slot``.
+        """
+        self._weights = []
+        weight_alloc = weight_repr = 0
+        for shape in weight_shapes:
+            numel = int(np.prod(shape, dtype=np.int64))
+            scaled = max(1, round(numel * memory_scale))
+            # fill_ touches every page, so the memory is resident, not just reserved.
+            self._weights.append(torch.empty(scaled, dtype=DTYPE, device=self._device).fill_(1))
+            weight_alloc += scaled * DTYPE_BYTES
+            weight_repr += numel * DTYPE_BYTES
+        num_rows = kv_num_blocks * kv_block_size_tokens
+        row_elems = max(1, round(kv_block_elems * memory_scale / kv_block_size_tokens))
+        self._kv_pool = torch.zeros(num_rows, row_elems, dtype=DTYPE, device=self._device)
+        self._kv_written = np.zeros(num_rows, dtype=bool)
+        self._num_kv_rows_in_use = 0
+        return AllocationReport(
+            rank=self.rank, weight_bytes_allocated=weight_alloc,
+            weight_bytes_represented=weight_repr,
+            kv_bytes_allocated=num_rows * row_elems * DTYPE_BYTES,
+            kv_bytes_represented=kv_num_blocks * kv_block_elems * DTYPE_BYTES,
+            kv_num_rows=num_rows)
+
+    # -- KV pool --------------------------------------------------------------------------
+    def _write_kv(self, slot_ids: np.ndarray) -> None:
+        if self._kv_pool is None:
+            raise RuntimeError(f"rank {self.rank}: run_step got slot_ids before allocate()")
+        num_rows = self._kv_written.shape[0]
+        if slot_ids.size and (slot_ids.min() < 0 or slot_ids.max() >= num_rows):
+            raise ValueError(f"rank {self.rank}: slot ids must lie in [0, {num_rows}), got "
+                             f"[{slot_ids.min()}, {slot_ids.max()}]")
+        self._kv_pool.index_fill_(0, torch.from_numpy(slot_ids.astype(np.int64)),
+                                  float(self._num_steps % 256))
+        unique = np.unique(slot_ids)
+        self._num_kv_rows_in_use += int((~self._kv_written[unique]).sum())
+        self._kv_written[unique] = True
+
+    def kv_rows_in_use(self) -> int:
+        """Distinct KV pool rows (token slots) written since allocate() or reset, minus
+        rows of blocks released with free_kv_blocks()."""
+        return self._num_kv_rows_in_use
+
+    def free_kv_blocks(self, block_ids: np.ndarray, kv_block_size_tokens: int = 16) -> None:
+        """Mark the rows of these blocks unused (the block manager freed them)."""
+        rows = (np.asarray(block_ids, dtype=np.int64)[:, None] * kv_block_size_tokens
+                + np.arange(kv_block_size_tokens)).ravel()
+        self._num_kv_rows_in_use -= int(self._kv_written[rows].sum())
+        self._kv_written[rows] = False
+
+    # -- one step -------------------------------------------------------------------------
+    def _compute(self, kind: int, layer: int, seconds: float) -> None:
+        start_s = self._now()
+        self._delay(seconds)
+        self._coll.recorder.add_compute(kind, layer, start_s, self._now())
+
+    def _check_step(self, work: StageWork, slot_ids: np.ndarray | None, num_tokens: int,
+                    recv_bytes: int) -> None:
+        topo = self.topology
+        if work.stage != topo.stage:
+            raise ValueError(f"rank {self.rank} is on stage {topo.stage}, got work for "
+                             f"stage {work.stage}")
+        if slot_ids is not None and len(slot_ids) != num_tokens:
+            raise ValueError(f"rank {self.rank}: {len(slot_ids)} slot ids for "
+                             f"{num_tokens} tokens; one KV slot per computed token")
+        if len(topo.tp_ranks) == 1 and (work.tp_allreduce_bytes or work.embed_allreduce_bytes
+                                        or work.logits_gather_bytes):
+            raise ValueError(f"rank {self.rank}: StageWork has TP collective bytes but tp=1")
+        if topo.prev_stage_rank is not None and recv_bytes <= 0:
+            raise ValueError(f"rank {self.rank} (stage {topo.stage}) needs recv_bytes > 0: "
+                             "the previous stage's pp_send_bytes")
+        if topo.next_stage_rank is not None and work.pp_send_bytes <= 0:
+            raise ValueError(f"rank {self.rank} (stage {topo.stage}) has pp_send_bytes=0 "
+                             "but a next stage")
+
+    def run_step(self, step_key: object, work: StageWork, slot_ids: np.ndarray | None,
+                 dilation: float, num_tokens: int, num_sampled: int,
+                 recv_bytes: int = 0) -> StepRecords:
+        """Execute this rank's stage of one plan (see the module docstring); ``recv_bytes``
+        is the previous stage's ``pp_send_bytes`` (required when stage > 0)."""
+        topo, coll = self.topology, self._coll
+        pre, attn, mlp, post = range(len(COMPUTE_KINDS))
+        coll.begin_step(step_key)
+        start_s = self._now()
+        try:
+            self._check_step(work, slot_ids, num_tokens, recv_bytes)
+            if topo.prev_stage_rank is not None:
+                coll.recv(topo.prev_stage_rank, recv_bytes)
+            if topo.stage == 0:
+                self._compute(pre, NO_LAYER, work.pre_compute_s * dilation)
+                if work.embed_allreduce_bytes:
+                    coll.all_reduce("tp", work.embed_allreduce_bytes, NO_LAYER)
+            for i, layer in enumerate(work.layer_ids.tolist()):
+                self._compute(attn, layer, float(work.attn_compute_s[i]) * dilation)
+                if i == 0 and slot_ids is not None:
+                    self._write_kv(slot_ids)
+                if work.tp_allreduce_bytes:
+                    coll.all_reduce("tp", work.tp_allreduce_bytes, layer)
+                self._compute(mlp, layer, float(work.mlp_compute_s[i]) * dilation)
+                if work.tp_allreduce_bytes:
+                    coll.all_reduce("tp", work.tp_allreduce_bytes, layer)
+            if topo.next_stage_rank is None:
+                self._compute(post, NO_LAYER, work.post_compute_s * dilation)
+                if work.logits_gather_bytes:
+                    coll.all_gather("tp", work.logits_gather_bytes, NO_LAYER,
+                                    len(topo.tp_ranks))
+            else:
+                coll.send(topo.next_stage_rank, work.pp_send_bytes)
+        except BaseException as exc:
+            coll.fail_step(exc)
+            raise
+        coll.end_step()
+        self._num_steps += 1
+        return coll.recorder.freeze(
+            rank=self.rank, stage=topo.stage, step_key=step_key, start_s=start_s,
+            end_s=self._now(), num_tokens=num_tokens, num_sampled_tokens=num_sampled,
+            num_kv_rows_written=0 if slot_ids is None else len(slot_ids))
+
+    # -- control --------------------------------------------------------------------------
+    @ray.method(concurrency_group="control")
+    def ping(self) -> int:
+        return self.rank
+
+    @ray.method(concurrency_group="control")
+    def clock(self) -> float:
+        """This node's raw monotonic clock in seconds (no offset), for offset estimation."""
+        return time.monotonic_ns() * 1e-9
+
+    @ray.method(concurrency_group="control")
+    def set_clock_offset(self, offset_s: float) -> None:
+        """Records are stamped ``monotonic + offset_s`` (driver time) from now on."""
+        self._clock_offset_s = offset_s
+
+    @ray.method(concurrency_group="control")
+    def collective_state(self) -> CollectiveState:
+        return self._coll.state()
+
+    @ray.method(concurrency_group="control")
+    def skip_next_collective(self) -> None:
+        """Fault injection: this rank silently skips its next collective."""
+        self._coll.skip_next_collective()
+
+    def teardown(self) -> None:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        self._weights = []
+        self._kv_pool = None
