@@ -69,9 +69,15 @@ def start_ray(address: str | None, *, num_cpus: int | None = None) -> Iterator[d
     """Start an embedded local Ray (``address=None``) or join a cluster (``"auto"`` or
     ``"HOST:PORT"``) for the duration of the block; yields ``ray.cluster_resources()``.
 
-    The local Ray binds to 127.0.0.1 without dashboard. If Ray is already initialised in
-    this process (e.g. by a test fixture) it is reused and left running on exit.
+    The local Ray has no dashboard and is asked to use 127.0.0.1 (``_node_ip_address``);
+    note that Ray on Linux replaces a loopback node address by the host's primary IP
+    (``ray._private.services.resolve_ip_for_localhost``), so the node is reported under
+    that IP. If Ray is already initialised in this process (e.g. by a test fixture) it is
+    reused and left running on exit. An unreachable HOST:PORT fails within
+    CONNECT_TIMEOUT_S with ClusterUnreachableError naming the address.
     """
+    if address not in (None, "auto") and not address.startswith("ray://"):
+        _check_reachable(address)
     if ray.is_initialized():
         yield ray.cluster_resources()
         return
@@ -80,8 +86,6 @@ def start_ray(address: str | None, *, num_cpus: int | None = None) -> Iterator[d
     if address is None:
         ray.init(num_cpus=num_cpus, _node_ip_address=LOCAL_HOST, **common)
     else:
-        if address != "auto" and not address.startswith("ray://"):
-            _check_reachable(address)
         try:
             ray.init(address=address, **common)
         except ConnectionError as exc:
