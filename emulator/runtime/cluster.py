@@ -133,25 +133,30 @@ class WorkerGroup:
 
     def _estimate_clock_offsets(self) -> None:
         """Per node: offset such that driver_time = worker_monotonic + offset. The driver's
-        own node shares CLOCK_MONOTONIC, so its offset is exactly 0; others use the
-        ping-pong sample with the smallest round trip (NTP-style midpoint)."""
+        own node shares CLOCK_MONOTONIC, so its offset is exactly 0; other nodes use
+        measure_clock_offset on their first rank."""
         driver_node = ray.get_runtime_context().get_node_id()
         for node in dict.fromkeys(self._node_ids):
             ranks = [r for r, n in enumerate(self._node_ids) if n == node]
-            if node == driver_node:
-                offset_s = 0.0
-            else:
-                best_rtt_s, offset_s = float("inf"), 0.0
-                for _ in range(NUM_CLOCK_SAMPLES):
-                    t0 = time.monotonic_ns() * 1e-9
-                    worker_s = self._get(self.actors[ranks[0]].clock.remote(),
-                                         CONTROL_TIMEOUT_S, "read a worker clock")
-                    t1 = time.monotonic_ns() * 1e-9
-                    if t1 - t0 < best_rtt_s:
-                        best_rtt_s, offset_s = t1 - t0, (t0 + t1) / 2 - worker_s
+            offset_s = 0.0 if node == driver_node else self.measure_clock_offset(ranks[0])[0]
             self.clock_offset_s[node] = offset_s
             self._get([self.actors[r].set_clock_offset.remote(offset_s) for r in ranks],
                       CONTROL_TIMEOUT_S, "set clock offsets")
+
+    def measure_clock_offset(self, rank: int,
+                             num_samples: int = NUM_CLOCK_SAMPLES) -> tuple[float, float]:
+        """(offset_s, round_trip_s) between the driver's monotonic clock and ``rank``'s, by
+        ping-pong: of ``num_samples`` exchanges keep the one with the smallest round trip
+        and take its midpoint (as NTP does); the error is at most round_trip_s / 2."""
+        best_rtt_s, offset_s = float("inf"), 0.0
+        for _ in range(num_samples):
+            t0 = time.monotonic_ns() * 1e-9
+            worker_s = self._get(self.actors[rank].clock.remote(), CONTROL_TIMEOUT_S,
+                                 "read a worker clock")
+            t1 = time.monotonic_ns() * 1e-9
+            if t1 - t0 < best_rtt_s:
+                best_rtt_s, offset_s = t1 - t0, (t0 + t1) / 2 - worker_s
+        return offset_s, best_rtt_s
 
     # -- memory ---------------------------------------------------------------------------
     def allocate(self, weight_shapes: list[tuple[int, ...]], kv_num_blocks: int,
@@ -167,6 +172,14 @@ class WorkerGroup:
         ranks = list(range(self.world_size)) if ranks is None else ranks
         return self._get([self.actors[r].kv_rows_in_use.remote() for r in ranks],
                          CONTROL_TIMEOUT_S, "read KV usage")
+
+    def free_kv_blocks(self, replica: int, block_ids: np.ndarray,
+                       kv_block_size_tokens: int = 16) -> None:
+        """Tell every rank of ``replica`` that these KV blocks were freed, so that
+        kv_rows_in_use() counts only rows of live blocks."""
+        ranks = [r for stage in stage_ranks(self.layout, replica) for r in stage]
+        self._get([self.actors[r].free_kv_blocks.remote(block_ids, kv_block_size_tokens)
+                   for r in ranks], CONTROL_TIMEOUT_S, "free KV blocks")
 
     # -- steps ----------------------------------------------------------------------------
     def submit_replica_step(self, replica: int, step_work: StepWork,

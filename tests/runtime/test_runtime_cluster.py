@@ -83,6 +83,16 @@ def test_kv_rows_in_use_equal_slots_written(tp2_pp2):
     assert tp2_pp2.kv_rows_in_use() == [6, 6, 6, 6]
     tp2_pp2.run_replica_step(0, work, np.array([20, 21, 22, 23, 4, 5]), 1.0, step_key=3)
     assert tp2_pp2.kv_rows_in_use() == [10, 10, 10, 10]
+    tp2_pp2.free_kv_blocks(0, np.array([5]), kv_block_size_tokens=block_size)  # 20..23
+    assert tp2_pp2.kv_rows_in_use() == [6, 6, 6, 6]
+
+
+def test_clock_offset_on_one_host_is_within_half_a_round_trip(tp2_pp2):
+    # same CLOCK_MONOTONIC: the worker's reading lies between the driver's two readings
+    offset_s, round_trip_s = tp2_pp2.measure_clock_offset(3, num_samples=4)
+    assert abs(offset_s) <= round_trip_s / 2
+    assert set(tp2_pp2.clock_offset_s.values()) == {0.0}
+    assert len(set(tp2_pp2.node_of_rank())) == 1
 
 
 def test_allocate_reports_exact_bytes(tp2_pp2):
