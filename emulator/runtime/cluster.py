@@ -59,6 +59,8 @@ class WorkerGroup:
         self._placement: Placement | None = None
         self.actors: list[ray.actor.ActorHandle] = []
         self.clock_offset_s: dict[str, float] = {}
+        self._replica_free_s: dict[int, float] = {}
+        """replica -> driver time by which its in-flight steps' compute should be done."""
         try:
             self._start(use_placement_groups, cpus_per_rank, placement_timeout_s,
                         socket_ifname)
@@ -100,6 +102,11 @@ class WorkerGroup:
         if not getattr(self, "_node_ips", None):
             return f"rank {rank}"
         return f"rank {rank} (node {self._node_ips[rank]} {self._node_ids[rank][:8]})"
+
+    def get(self, refs, timeout_s: float, what: str):
+        """ray.get with a bound: a timeout, a dead worker or a task error becomes a RunError
+        saying what could not be done (and naming dead ranks)."""
+        return self._get(refs, timeout_s, what)
 
     def _get(self, refs, timeout_s: float, what: str):
         single = not isinstance(refs, list)
@@ -161,12 +168,22 @@ class WorkerGroup:
     # -- memory ---------------------------------------------------------------------------
     def allocate(self, weight_shapes: list[tuple[int, ...]], kv_num_blocks: int,
                  kv_block_elems: int, memory_scale: float, *,
-                 kv_block_size_tokens: int = 16) -> list[AllocationReport]:
-        """Allocate the same shard shapes and KV pool on every rank; reports by rank."""
-        return self._get([a.allocate.remote(weight_shapes, kv_num_blocks, kv_block_elems,
-                                            memory_scale,
-                                            kv_block_size_tokens=kv_block_size_tokens)
-                          for a in self.actors], self.timeout_s, "allocate memory")
+                 kv_block_size_tokens: int = 16,
+                 stage_weight_shapes: list[list[tuple[int, ...]]] | None = None
+                 ) -> list[AllocationReport]:
+        """Allocate weight shards and the KV pool on every rank; reports by rank.
+
+        Every rank holds ``weight_shapes``, or, if ``stage_weight_shapes`` is given, the
+        shapes of its pipeline stage (``stage_weight_shapes[stage]``)."""
+        refs = []
+        for rank, actor in enumerate(self.actors):
+            shapes = weight_shapes
+            if stage_weight_shapes is not None:
+                shapes = stage_weight_shapes[self.layout.rank_coords(rank)[1]]
+            refs.append(actor.allocate.remote(shapes, kv_num_blocks, kv_block_elems,
+                                              memory_scale,
+                                              kv_block_size_tokens=kv_block_size_tokens))
+        return self._get(refs, self.timeout_s, "allocate memory")
 
     def kv_rows_in_use(self, ranks: list[int] | None = None) -> list[int]:
         ranks = list(range(self.world_size)) if ranks is None else ranks
@@ -200,9 +217,13 @@ class WorkerGroup:
                 refs.append(self.actors[rank].run_step.remote(
                     key, step_work.stages[s], slot_ids, dilation, step_work.num_tokens,
                     step_work.num_sampled_tokens, recv_bytes))
-        # Stages run one after another in the worst case; each may wait timeout_s once.
+        # Worst case: the step queues behind this replica's steps already in flight (each
+        # actor runs its steps in submission order), its stages run one after another, and
+        # a rank waits timeout_s in a collective before raising.
         compute_s = sum(w.compute_s for w in step_work.stages) * dilation
-        deadline_s = time.monotonic() + compute_s + 2 * self.timeout_s + CONTROL_TIMEOUT_S
+        start_s = max(time.monotonic(), self._replica_free_s.get(replica, 0.0))
+        self._replica_free_s[replica] = start_s + compute_s
+        deadline_s = start_s + compute_s + 2 * self.timeout_s + CONTROL_TIMEOUT_S
         return PendingStep(replica, key, ranks, refs, deadline_s)
 
     def collect(self, pending: PendingStep) -> list[StepRecords]:

@@ -72,6 +72,21 @@ def test_tp2_pp2_stage1_receives_after_stage0_sends(tp2_pp2):
         assert receiver.coll_exit_s[0] >= sender.coll_entry_s[-1]
 
 
+def test_steps_in_flight_run_in_submission_order(tp2_pp2):
+    # The emulation loop keeps several micro-batches of a replica in flight; every rank
+    # must run them in the order they were submitted (stage 1 of step k overlaps stage 0
+    # of step k+1).
+    work = step_work(tp=2, pp=2, num_layers_per_stage=1, num_tokens=T, hidden=H)
+    pending = [tp2_pp2.submit_replica_step(0, work, None, 1.0, step_key=("mb", k))
+               for k in range(6)]
+    records = [tp2_pp2.collect(p) for p in pending]
+    assert [rs[0].step_key for rs in records] == [(0, ("mb", k)) for k in range(6)]
+    for rank in range(4):
+        starts = [rs[rank].start_s for rs in records]
+        ends = [rs[rank].end_s for rs in records]
+        assert all(e <= s for e, s in zip(ends, starts[1:]))
+
+
 def test_kv_rows_in_use_equal_slots_written(tp2_pp2):
     block_size = 4
     tp2_pp2.allocate([(128, 64), (64,)], kv_num_blocks=8, kv_block_elems=block_size * 100,
@@ -104,6 +119,9 @@ def test_allocate_reports_exact_bytes(tp2_pp2):
         assert r.kv_bytes_represented == 8 * 160 * 2
         assert r.kv_num_rows == 8 * 16
         assert r.kv_bytes_allocated == 8 * 16 * 2 * 2  # row = round(160 * 0.25 / 16) = 2
+    per_stage = tp2_pp2.allocate([], kv_num_blocks=1, kv_block_elems=16, memory_scale=1.0,
+                                 stage_weight_shapes=[[(10,)], [(20,), (2, 2)]])
+    assert [r.weight_bytes_allocated for r in per_stage] == [20, 20, 48, 48]
 
 
 def test_dp2_replicas_are_independent(ray_local):
