@@ -84,15 +84,11 @@ class Emulation:
     def allocate(self) -> list:
         """Weight shards and the KV pool on every rank (real tensors x memory_scale)."""
         setup, cfg = self.setup, self.setup.config
-        shapes = stage_weight_shapes(setup.model, setup.layout)
-        block_elems = setup.memory.kv_bytes_per_block_per_rank // ELEMENT_BYTES
-        refs = []
-        for rank, actor in enumerate(self.group.actors):
-            stage = setup.layout.rank_coords(rank)[1]
-            refs.append(actor.allocate.remote(shapes[stage], setup.memory.num_kv_blocks,
-                                              block_elems, cfg.memory_scale,
-                                              kv_block_size_tokens=cfg.block_size))
-        return self.group._get(refs, cfg.timeout_s, "allocate weights and KV pools")
+        return self.group.allocate(
+            [], setup.memory.num_kv_blocks,
+            setup.memory.kv_bytes_per_block_per_rank // ELEMENT_BYTES, cfg.memory_scale,
+            kv_block_size_tokens=cfg.block_size,
+            stage_weight_shapes=stage_weight_shapes(setup.model, setup.layout))
 
     # ---- clock --------------------------------------------------------------------------
     def _now_s(self) -> float:
@@ -117,6 +113,8 @@ class Emulation:
             if not self._inflight:
                 if self._next >= n:
                     if not any(s.has_work for s in self.schedulers):
+                        for r in range(len(self.schedulers)):
+                            self._release_freed_blocks(r)
                         break
                     raise RunError("the schedulers hold requests but form no plan with "
                                    "nothing in flight (a scheduler bug); stopping")
@@ -153,6 +151,9 @@ class Emulation:
                                             list(pending.refs)))
 
     def _release_freed_blocks(self, r: int) -> None:
+        """Tell the replica's ranks which blocks the KV manager freed since the last call.
+        Fire-and-forget: actor calls run in submission order, so the frees land before the
+        next step's writes without costing a round trip."""
         used = self.schedulers[r].kv.pool.ref_cnt > 0
         freed = np.flatnonzero(self._used[r] & ~used)
         self._used[r] = used
