@@ -15,8 +15,8 @@ $(VENV)/.installed: pyproject.toml
 
 # The main job: an emulation on an embedded local Ray with a bundled trace, printing results.
 demo: $(VENV)/.installed
-	$(EMU) emulate --trace traces/reasoning-200.arrow --model tiny --hardware h100 --tp 2 \
-		--max-output-tokens 512 --dilation 20 -o runs/demo
+	$(EMU) emulate --trace traces/reasoning-200.arrow --model llama-3.1-8b --hardware h100 --tp 2 \
+		--max-requests 64 --max-output-tokens 128 --dilation 20 -o runs/demo
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q
