@@ -83,6 +83,7 @@ class Worker:
             self._delay = precise_sleep
             self._synchronize = lambda: None
         self._coll = TimedCollectives(rank, {}, self._device, self._now, self._synchronize)
+        self._groups: dict = {}
         self._weights: list[torch.Tensor] = []
         self._kv_pool: torch.Tensor | None = None  # [rows, row_elems], a row = one slot
         self._kv_written = np.zeros(0, dtype=bool)
@@ -111,6 +112,7 @@ class Worker:
         groups = init_process_groups(self.layout, self.rank, backend=self.backend,
                                      master_addr=master_addr, master_port=master_port,
                                      timeout_s=self.timeout_s)
+        self._groups = groups
         self._coll = TimedCollectives(self.rank, groups, self._device, self._now,
                                       self._synchronize)
 
@@ -238,6 +240,58 @@ class Worker:
             rank=self.rank, stage=topo.stage, step_key=step_key, start_s=start_s,
             end_s=self._now(), num_tokens=num_tokens, num_sampled_tokens=num_sampled,
             num_kv_rows_written=0 if slot_ids is None else len(slot_ids))
+
+    # -- microbenchmark ---------------------------------------------------------------------
+    def bench_collective(self, op: str, num_bytes: int, num_iters: int, num_warmup: int = 2,
+                         axis: str = "world") -> np.ndarray:
+        """Time ``num_iters`` calls of ``op`` over the ``axis`` group (``emulator bench``).
+
+        ``num_bytes`` follows nccl-tests' "size": all_reduce the buffer, all_gather the
+        gathered output, all_to_all each rank's send buffer, send_recv the message (group
+        index 0 sends to index 1, other ranks only join the barriers). Every iteration starts
+        with a barrier so the ranks enter together, as after a step's previous collective.
+        Returns float64 [num_iters, 2]: (entry_s, exit_s) per iteration on the driver clock.
+        Must run concurrently on every rank of the group; buffers are freed on return.
+        """
+        group = self._groups.get(axis) if axis != "world" else None
+        if axis != "world" and group is None:
+            raise ValueError(f"rank {self.rank} has no '{axis}' group")
+        members = dist.get_process_group_ranks(group) if group is not None else \
+            list(range(dist.get_world_size()))
+        n, me = len(members), members.index(self.rank)
+        elems = max(1, num_bytes // DTYPE_BYTES)
+        if op == "all_reduce":
+            buf = torch.zeros(elems, dtype=DTYPE, device=self._device)
+            call = lambda: dist.all_reduce(buf, group=group)  # noqa: E731
+        elif op == "all_gather":
+            shard = torch.zeros(max(1, elems // n), dtype=DTYPE, device=self._device)
+            out = torch.zeros(shard.numel() * n, dtype=DTYPE, device=self._device)
+            call = lambda: dist.all_gather_into_tensor(out, shard, group=group)  # noqa: E731
+        elif op == "all_to_all":
+            src = torch.zeros(max(1, elems // n) * n, dtype=DTYPE, device=self._device)
+            dst = torch.empty_like(src)
+            call = lambda: dist.all_to_all_single(dst, src, group=group)  # noqa: E731
+        elif op == "send_recv":
+            buf = torch.zeros(elems, dtype=DTYPE, device=self._device)
+            if me == 0:
+                call = lambda: dist.send(buf, dst=members[1], group=group)  # noqa: E731
+            elif me == 1:
+                call = lambda: dist.recv(buf, src=members[0], group=group)  # noqa: E731
+            else:
+                call = lambda: None  # noqa: E731
+        else:
+            raise ValueError(f"op must be all_reduce, all_gather, all_to_all or send_recv, "
+                             f"got {op!r}")
+        times = np.empty((num_iters, 2))
+        for i in range(num_warmup + num_iters):
+            dist.barrier(group=group)
+            entry_s = self._now()
+            call()
+            self._synchronize()
+            exit_s = self._now()
+            if i >= num_warmup:
+                times[i - num_warmup] = (entry_s, exit_s)
+        return times
 
     # -- control --------------------------------------------------------------------------
     @ray.method(concurrency_group="control")
