@@ -266,7 +266,7 @@ class Worker:
         elif op == "all_gather":
             shard = torch.zeros(max(1, elems // n), dtype=DTYPE, device=self._device)
             out = torch.zeros(shard.numel() * n, dtype=DTYPE, device=self._device)
-            call = lambda: dist.all_gather_into_tensor(out, shard, group=group)  # noqa: E731
+            call = lambda: dist.all_gather_single(out, shard, group=group)  # noqa: E731
         elif op == "all_to_all":
             src = torch.zeros(max(1, elems // n) * n, dtype=DTYPE, device=self._device)
             dst = torch.empty_like(src)
