@@ -30,6 +30,15 @@ may be non-zero in a calibrated profile (CPU gloo).
 
 Placement: a group is "inter" when its ranks sit on more than one node (node = rank //
 gpus_per_node, ranks numbered by the layout's mesh), else "intra".
+
+Host profiles and units. ``emulator calibrate`` measures the lines on the emulator's host in
+*host* seconds, plus the host's per-step overheads (:class:`HostOverhead`: the driver's
+round trip between steps, sleep overshoot per compute delay, straggler wait per collective),
+which only exist on an emulator and are used only by ``emulator validate``. The emulator's
+tables are in host seconds / ``dilation`` while its collectives run undilated, so to predict
+an emulation the simulator prices compute x1 and communication and overheads x 1/dilation:
+``validate`` uses ``profile.scaled(1 / dilation)``. ``simulate --comm-profile host.json``
+uses the lines unscaled (the host fabric against the target's compute).
 """
 
 from __future__ import annotations
@@ -82,6 +91,40 @@ class CommEntry(BaseModel):
         return self
 
 
+class HostOverhead(BaseModel):
+    """Per-step costs of the emulator's host that are neither compute delays nor collective
+    transfers (host seconds; measured by ``emulator calibrate`` with near-empty steps).
+
+    A stage of one step on the host lasts ``sum(delays) + sum(transfers) + step_fixed_s +
+    num_delays * per_delay_s + num_group_collectives * sync_wait_s``, and the next step
+    starts ``step_gap_s + step_gap_s_per_collective * num_collective_rows`` after the driver
+    learns the previous one ended."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    num_ranks: int = Field(ge=1, description="World size the overheads were measured on.")
+    step_gap_s: float = Field(
+        ge=0.0, description="Fixed driver round trip from the end of a step on the ranks to "
+        "the start of the next one (result transfer, scheduling, submission).")
+    step_gap_s_per_collective: float = Field(
+        default=0.0, ge=0.0, description="Extra gap per collective record the ranks ship "
+        "back (serialization and record keeping on the driver).")
+    step_fixed_s: float = Field(
+        ge=0.0, description="Time inside one rank's step outside delays and collectives.")
+    per_delay_s: float = Field(
+        ge=0.0, description="Mean excess of one compute delay over its nominal length "
+        "(sleep overshoot, Python and recording between collectives).")
+    sync_wait_s: float = Field(
+        ge=0.0, description="Mean straggler wait per group collective: the mean over ranks of "
+        "max(entry) - own entry, i.e. how much later than the mean rank the last one enters.")
+
+    def scaled(self, factor: float) -> HostOverhead:
+        """Every time multiplied by ``factor`` (e.g. 1 / dilation for target units)."""
+        return self.model_copy(update={k: getattr(self, k) * factor for k in (
+            "step_gap_s", "step_gap_s_per_collective", "step_fixed_s", "per_delay_s",
+            "sync_wait_s")})
+
+
 class CommProfile(BaseModel):
     """Alpha-beta lines per (op, group size, placement); see the module docstring."""
 
@@ -93,6 +136,9 @@ class CommProfile(BaseModel):
     name: str = Field(description="Where the numbers come from (hardware id or host name).")
     entries: list[CommEntry] = Field(
         min_length=1, description="Measured or derived alpha-beta lines.")
+    host: HostOverhead | None = Field(
+        default=None, description="Emulator host overheads (calibrated profiles only; used "
+        "by `emulator validate`).")
 
     _index: dict[tuple[str, str], dict[int, CommEntry]] = PrivateAttr(default_factory=dict)
 
@@ -134,6 +180,18 @@ class CommProfile(BaseModel):
                               alpha_s=lat, beta_s_per_byte=1.0 / bw),
                 ]
         return cls(name=f"specs:{hardware.name}", entries=entries)
+
+    def scaled(self, factor: float) -> CommProfile:
+        """A profile with every time (alpha, beta, gamma and the host overheads) multiplied
+        by ``factor``; ``validate`` uses ``1 / dilation`` (see the module docstring)."""
+        if not factor > 0:
+            raise ValueError(f"scale factor must be > 0, got {factor}")
+        entries = [e.model_copy(update={"alpha_s": e.alpha_s * factor,
+                                        "beta_s_per_byte": e.beta_s_per_byte * factor,
+                                        "gamma_s_per_byte": e.gamma_s_per_byte * factor})
+                   for e in self.entries]
+        host = self.host.scaled(factor) if self.host is not None else None
+        return CommProfile(name=f"{self.name} x{factor:g}", entries=entries, host=host)
 
     def lookup(self, op: str, group_size: int, placement: str) -> CommEntry:
         """The entry for exactly ``group_size``, else the nearest measured size (ties go to

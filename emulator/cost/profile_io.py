@@ -5,7 +5,11 @@ File format (schema version 1), as written by ``emulator calibrate``::
     {"schema_version": 1, "name": "host-a",
      "entries": [{"op": "all_reduce", "group_size": 4, "placement": "intra",
                   "alpha_s": 3.1e-05, "beta_s_per_byte": 1.2e-09, "gamma_s_per_byte": 0.0},
-                 ...]}
+                 ...],
+     "host": {"num_ranks": 2, "step_gap_s": 0.0011, "step_fixed_s": 6e-05, ...}}
+
+``host`` (the emulator host's per-step overheads, see ``comm.HostOverhead``) is optional:
+profiles from hardware specs, and files written before it existed, have none.
 """
 
 from __future__ import annotations

@@ -49,11 +49,41 @@ class _Replica:
 
 class CostModelExecutor:
     """Prices a plan with the cost model: the simulator's implementation of the Executor
-    protocol. ``stage_free_s`` carries the pipeline state between plans of one replica."""
+    protocol. ``stage_free_s`` carries the pipeline state between plans of one replica.
 
-    def __init__(self, cost: CostModel, requests: RequestTable) -> None:
+    ``host`` (only ``emulator validate`` sets it, already scaled to target units) adds the
+    emulator host's overheads so the simulator predicts an emulation on that host
+    (comm.HostOverhead): before a plan, the driver's round trip since the previous plan of
+    the replica ended; in every stage, the fixed per-step time, the excess of each compute
+    delay and, per group collective, the straggler wait (the step waits for the last rank).
+
+    PP bubbles: a stage starts at ``max(activations arrived, stage free, plan submitted)``,
+    so stages idle when too few micro-batches are in flight, as on the workers.
+    """
+
+    def __init__(self, cost: CostModel, requests: RequestTable, host=None,
+                 clock: Callable[[], float] | None = None) -> None:
         self.cost = cost
         self.requests = requests
+        self.host = host
+        self.clock = clock
+        """When set (``lambda: sim.now_s``), the time the plan is formed: the host's round
+        trip runs from then, and a plan formed while stage 0 is still busy waits for it."""
+
+    def _host_terms(self, work, pp: int) -> tuple[float, np.ndarray]:
+        """(gap before the plan, overhead per stage) of the emulator host, target seconds."""
+        h = self.host
+        tp = self.cost.tp
+        over = np.empty(pp)
+        num_rows = 0
+        for p, st in enumerate(work.stages):
+            num_layers = st.layer_ids.size
+            num_delays = 2 * num_layers + (p == 0) + (p == pp - 1)
+            num_group = (2 * num_layers * bool(st.tp_allreduce_bytes)
+                         + bool(st.embed_allreduce_bytes) + bool(st.logits_gather_bytes))
+            over[p] = h.step_fixed_s + num_delays * h.per_delay_s + num_group * h.sync_wait_s
+            num_rows += tp * (num_group + (p > 0) + (p < pp - 1))
+        return h.step_gap_s + num_rows * h.step_gap_s_per_collective, over
 
     def execute(self, plan: BatchPlan, start_s: float,
                 stage_free_s: np.ndarray | None = None) -> StepResult:
@@ -62,13 +92,20 @@ class CostModelExecutor:
         work = self.cost.step_work(plan, prompt_tokens=req.prompt_tokens[idx] + req.num_output_tokens[idx])
         compute, comm, p2p = self.cost.stage_times(work, plan.replica)
         pp = compute.size
+        gap, over = (0.0, np.zeros(pp)) if self.host is None else self._host_terms(work, pp)
+        # A plan formed at `now` reaches the ranks one round trip later; if stage 0 is still
+        # busy then, it waits in the actor's queue (the engine's start_s = max(now, free)).
+        now_s = start_s if self.clock is None else min(start_s, self.clock())
+        submitted = now_s + gap
         stage_start = np.empty(pp)
         stage_end = np.empty(pp)
         ready = start_s
         for s in range(pp):
-            begin = ready if stage_free_s is None else max(ready, stage_free_s[s])
+            begin = max(ready, submitted)
+            if stage_free_s is not None:
+                begin = max(begin, stage_free_s[s])
             stage_start[s] = begin
-            stage_end[s] = begin + compute[s] + comm[s]
+            stage_end[s] = begin + compute[s] + comm[s] + over[s]
             ready = stage_end[s] + p2p
         by_axis = {"tp": float(comm.sum())} if self.cost.tp > 1 else {}
         if pp > 1:
