@@ -1,8 +1,9 @@
 """Run output I/O, in one place: the output directory, written atomically, and read back.
 
 A run directory holds ``requests.parquet``, ``steps.parquet``, ``collectives.parquet``
-(only when collectives were recorded) and ``summary.json`` (DESIGN section 7). Every file is
-written under a temporary name and renamed on success (:mod:`emulator.atomic`), and
+(only when collectives were recorded), ``timeline.json`` (Chrome trace events of the first
+steps, size-capped: :mod:`emulator.metrics.timeline`) and ``summary.json`` (DESIGN section
+7). Every file is written under a temporary name and renamed on success (:mod:`emulator.atomic`), and
 ``summary.json`` is removed first and written last, so a directory that has a
 ``summary.json`` holds the tables that belong to it.
 
@@ -34,6 +35,7 @@ from emulator.atomic import atomic_path, write_json_atomic, write_text_atomic
 from emulator.errors import UserError
 from emulator.metrics.schema import SCHEMA_VERSION, SCHEMAS, TABLE_KEY, VERSION_KEY
 from emulator.metrics.summary import build_summary, compute_metrics
+from emulator.metrics.timeline import DEFAULT_MAX_STEPS, TIMELINE_FILE, write_timeline
 
 __all__ = ["OutputError", "Run", "RunWriter", "read_run", "write_table_atomic",
            "atomic_path", "write_json_atomic", "write_text_atomic"]
@@ -81,10 +83,17 @@ class Run:
 
 
 class RunWriter:
-    """Writes one run's output directory. The constructor only checks the path."""
+    """Writes one run's output directory. The constructor only checks the path.
 
-    def __init__(self, outdir: str | Path) -> None:
+    ``timeline_max_steps``: the timeline shows the first N steps of every replica (None: no
+    step cap, only the event cap); ``timeline=False`` writes none.
+    """
+
+    def __init__(self, outdir: str | Path, *, timeline: bool = True,
+                 timeline_max_steps: int | None = DEFAULT_MAX_STEPS) -> None:
         self.outdir = Path(outdir)
+        self.timeline = timeline
+        self.timeline_max_steps = timeline_max_steps
         self._check_dir()
 
     def _check_dir(self) -> None:
@@ -93,8 +102,10 @@ class RunWriter:
                               "path (it is created if missing)")
 
     def write(self, *, requests: TableLike, steps: TableLike,
-              collectives: TableLike | None = None, summary: Mapping[str, Any]) -> None:
-        """Write the tables, then ``summary.json``. A stale ``collectives.parquet`` from an
+              collectives: TableLike | None = None,
+              summary: Mapping[str, Any]) -> dict[str, Any]:
+        """Write the tables, ``timeline.json``, then ``summary.json``; return the summary
+        as written (with a ``timeline`` entry). A stale ``collectives.parquet`` from an
         earlier run in the same directory is removed when this run has none."""
         tables = {"requests": _as_table(requests, "requests"), "steps": _as_table(steps, "steps")}
         if collectives is not None:
@@ -106,15 +117,33 @@ class RunWriter:
             self.outdir.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise OutputError(f"cannot create output directory {self.outdir}: {exc}") from exc
-        with contextlib.suppress(FileNotFoundError):
-            (self.outdir / SUMMARY_FILE).unlink()
+        for stale in (SUMMARY_FILE, TIMELINE_FILE):  # both describe the tables being replaced
+            with contextlib.suppress(FileNotFoundError):
+                (self.outdir / stale).unlink()
         for name, filename in FILES.items():
             if name in tables:
                 write_table_atomic(self.outdir / filename, tables[name])
             else:
                 with contextlib.suppress(FileNotFoundError):
                     (self.outdir / filename).unlink()
-        write_json_atomic(self.outdir / SUMMARY_FILE, dict(summary))
+        summary = dict(summary)
+        summary["timeline"] = self._write_timeline(tables, summary)
+        write_json_atomic(self.outdir / SUMMARY_FILE, summary)
+        return summary
+
+    def _write_timeline(self, tables: dict[str, pa.Table],
+                        summary: dict[str, Any]) -> dict[str, Any] | None:
+        if not self.timeline:
+            return None
+        try:
+            info = write_timeline(self.outdir, steps=tables["steps"],
+                                  collectives=tables.get("collectives"), summary=summary,
+                                  max_steps=self.timeline_max_steps)
+        except Exception as exc:  # noqa: BLE001 - the tables matter more than their picture
+            return {"error": f"{type(exc).__name__}: {exc}"}
+        return {"file": TIMELINE_FILE, "num_events": info.num_events,
+                "num_steps_shown": info.num_steps_shown,
+                "num_steps_total": info.num_steps_total, "truncated": info.truncated}
 
     def finish(self, *, requests: TableLike, steps: TableLike,
                collectives: TableLike | None = None, mode: str, config: Any,
@@ -161,8 +190,7 @@ class RunWriter:
             extra["metrics_error"] = f"{type(exc).__name__}: {exc}"
         summary = build_summary(complete=complete, mode=mode, config=config, metrics=metrics,
                                 nodes=nodes, extra=extra)
-        self.write(requests=req, steps=stp, collectives=col, summary=summary)
-        return summary
+        return self.write(requests=req, steps=stp, collectives=col, summary=summary)
 
 
 def _read_table(path: Path, name: str) -> pa.Table:
