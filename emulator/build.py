@@ -3,13 +3,16 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 from pydantic import ValidationError
 
 from emulator.config import RunConfig
 from emulator.core.requests import RequestTable
+from emulator.core.routing import RoutingSpec
 from emulator.core.router import Router
 from emulator.core.scheduler import Scheduler, SchedulerConfig
 from emulator.cost import CostModel, load_profile
@@ -30,6 +33,9 @@ class RunSetup:
     memory: MemoryPlan
     cost: CostModel
     scheduler_config: SchedulerConfig
+    routing: RoutingSpec | None = None
+    """MoE gating and expert placement (MoE models with ep > 1), shared by the cost model
+    and the workers."""
 
     def new_requests(self) -> RequestTable:
         """Fresh per-request state for one run."""
@@ -68,20 +74,64 @@ def load_run_trace(config: RunConfig) -> Trace:
     return trace
 
 
+def read_popularity(path: Path) -> np.ndarray:
+    """Expert weights from a JSON list or a text file of numbers (commas/whitespace)."""
+    try:
+        text = Path(path).read_text()
+    except OSError as exc:
+        raise ConfigError(f"expert_popularity {path}: cannot read: {exc.strerror}") from None
+    try:
+        values = json.loads(text) if text.lstrip().startswith("[") else [
+            float(v) for v in text.replace(",", " ").split()]
+        return np.asarray(values, dtype=np.float64)
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(f"expert_popularity {path}: not a list of numbers ({exc}); write one "
+                          "weight per routed expert, e.g. [4, 1, 1, 2]") from None
+
+
+def make_routing(config: RunConfig, model: ModelSpec, layout: ParallelLayout) -> RoutingSpec | None:
+    """The run's RoutingSpec, or None when no tokens cross an EP all-to-all."""
+    if not model.is_moe or layout.ep == 1:
+        if config.eplb_redundant_experts:
+            raise ConfigError("eplb_redundant_experts needs an MoE model with ep > 1")
+        return None
+    values = read_popularity(config.expert_popularity) if config.expert_popularity else None
+    return RoutingSpec.make(num_experts=model.num_routed_experts,
+                            top_k=model.num_experts_per_tok, ep=layout.ep,
+                            skew=config.expert_skew, zipf_s=config.zipf_s, values=values,
+                            seed=config.routing_seed,
+                            num_redundant=config.eplb_redundant_experts)
+
+
+def check_emulation_layout(layout: ParallelLayout) -> None:
+    """The emulator runs EP only over the TP ranks of one replica (ep == tp): with attention
+    DP the EP group spans replicas that the emulation loop steps independently, and with
+    ep == tp*pp a layer's all-to-all would need ranks busy with other stages."""
+    if layout.ep > 1 and (layout.attention_dp or layout.ep != layout.tp):
+        raise ConfigError(f"emulate supports ep=1 or ep=tp ({layout.tp}), got ep={layout.ep}"
+                          f"{' with attention_dp' if layout.attention_dp else ''}; use "
+                          "`emulator simulate` for this layout or set ep=tp")
+
+
 def build_run(config: RunConfig, *, record_slots: bool = False) -> RunSetup:
     model = get_model(config.model)
     hardware = get_hardware(config.hardware)
     layout = make_layout(config)
     layout.validate_for(model)
+    if record_slots:  # slots are recorded for the emulator only
+        check_emulation_layout(layout)
     memory = plan_memory(model, hardware, layout,
                          gpu_memory_utilization=config.gpu_memory_utilization,
                          block_size=config.block_size)
     profile = load_profile(config.comm_profile) if config.comm_profile else None
-    cost = CostModel(model, hardware, layout, profile)
+    routing = make_routing(config, model, layout)
+    cost = CostModel(model, hardware, layout, profile, routing=routing,
+                     dispatch_dtype_bytes=1 if config.dispatch_dtype == "fp8" else None)
     scheduler_config = SchedulerConfig(
         max_num_seqs=config.max_num_seqs, max_num_batched_tokens=config.max_num_batched_tokens,
         block_size=config.block_size, enable_chunked_prefill=config.enable_chunked_prefill,
         record_slots=record_slots)
     trace = load_run_trace(config)
     return RunSetup(config=config, trace=trace, model=model, hardware=hardware, layout=layout,
-                    memory=memory, cost=cost, scheduler_config=scheduler_config)
+                    memory=memory, cost=cost, scheduler_config=scheduler_config,
+                    routing=routing)

@@ -39,6 +39,13 @@ class RunConfig(BaseModel):
     comm_profile: Path | None = Field(None, description="Calibrated communication profile (JSON from `emulator calibrate`); default: from the hardware spec.")
     max_requests: int | None = Field(None, ge=1, description="Use only the first N requests of the trace.")
     max_output_tokens: int | None = Field(None, ge=1, description="Cap every request's output length (laptop-scale runs).")
+    # MoE routing (used when the model is MoE and ep > 1).
+    expert_skew: Literal["uniform", "zipf", "file"] = Field("uniform", description="MoE expert popularity: uniform, zipf (exponent zipf_s) or file (expert_popularity).")
+    zipf_s: float = Field(1.0, ge=0, description="Zipf exponent of expert popularity with expert_skew=zipf (0 = uniform).")
+    expert_popularity: Path | None = Field(None, description="File of one non-negative weight per routed expert (JSON list, or numbers separated by commas/whitespace) for expert_skew=file.")
+    routing_seed: int = Field(0, ge=0, description="Seed of the MoE gating (hidden states, router weights, Zipf permutation).")
+    dispatch_dtype: Literal["bf16", "fp8"] = Field("bf16", description="Element type of the MoE dispatch all-to-all (fp8: 1 byte per element); the combine is always bf16.")
+    eplb_redundant_experts: int = Field(0, ge=0, description="Extra copies of hot experts placed EPLB-style (experts + copies must divide by ep); 0 = contiguous placement.")
     # Emulation only.
     dilation: float = Field(1.0, gt=0, description="Emulated wall time per unit of target compute time (delays are cost x dilation).")
     memory_scale: float = Field(1e-3, gt=0, le=1, description="Fraction of the real weight and KV bytes each worker really allocates.")
@@ -50,6 +57,10 @@ class RunConfig(BaseModel):
     def _check(self) -> "RunConfig":
         if self.attention_dp and self.ep != self.dp * self.tp:
             raise ValueError(f"attention_dp needs ep = dp * tp = {self.dp * self.tp}, got ep={self.ep}")
+        if self.expert_skew == "file" and self.expert_popularity is None:
+            raise ValueError("expert_skew=file needs expert_popularity (a file of one weight per routed expert)")
+        if self.expert_popularity is not None and self.expert_skew != "file":
+            raise ValueError(f"expert_popularity is set but expert_skew={self.expert_skew}; set expert_skew=file or drop expert_popularity")
         return self
 
     @property

@@ -19,6 +19,8 @@ COMMON_FIELDS = (
     "trace", "model", "hardware", "dp", "tp", "pp", "ep", "attention_dp", "max_num_seqs",
     "max_num_batched_tokens", "block_size", "enable_chunked_prefill", "gpu_memory_utilization",
     "router", "comm_profile", "max_requests", "max_output_tokens",
+    "expert_skew", "zipf_s", "expert_popularity", "routing_seed", "dispatch_dtype",
+    "eplb_redundant_experts",
 )
 EMULATION_FIELDS = ("dilation", "memory_scale", "backend", "address", "timeout_s")
 

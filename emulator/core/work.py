@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from emulator.core.routing import RoutingSpec
+
 
 @dataclass(slots=True)
 class StageWork:
@@ -42,6 +44,40 @@ class StageWork:
     pp_send_bytes: int = 0
     """Bytes of the activations sent to the next stage (num_tokens x hidden x dtype bytes);
     0 on the last stage."""
+    # --- expert parallelism (MoE layers with ep > 1); defaults mean "no EP" -------------
+    ep_layers: np.ndarray | None = None
+    """bool [L] or None: layers that dispatch their tokens to experts with an all-to-all
+    (MoE layers when ep > 1). On those, ``mlp_compute_s`` is the router + shared experts +
+    ``expert_compute_s``, and a rank runs: sleep(mlp - expert), dispatch all-to-all,
+    sleep(its own expert time), combine all-to-all."""
+    expert_compute_s: np.ndarray | None = None
+    """float64 [L] or None: the routed-expert part of ``mlp_compute_s`` predicted for the
+    busiest EP rank (0 on other layers); target seconds."""
+    expert_s_per_pair: float = 0.0
+    """Roofline compute term of one (token, expert) pair on a rank, target seconds: a rank
+    with n pairs over a active local experts computes max(n * this, a * expert_s_per_weight)."""
+    expert_s_per_weight: float = 0.0
+    """Time to read one local expert's weights, target seconds (the roofline memory term)."""
+    dispatch_bytes_per_row: int = 0
+    """Bytes of one dispatched (token, expert) row: hidden x dispatch dtype bytes (2 bf16,
+    1 fp8)."""
+    combine_bytes_per_row: int = 0
+    """Bytes of one combined row: hidden x 2 (bf16)."""
+    ep_dispatch_bytes: int = 0
+    """Predicted busiest-rank bytes of one dispatch all-to-all (cost convention: sent to or
+    received from other ranks); the simulator prices the all-to-all with it."""
+    ep_combine_bytes: int = 0
+    """As ep_dispatch_bytes, for the combine all-to-all."""
+    routing: RoutingSpec | None = None
+    """How tokens pick experts (core.routing); the workers route with it."""
+    routing_replica: int = 0
+    """DP replica of the plan (routing seed component)."""
+    routing_step: int = 0
+    """Step of the plan within its replica (routing seed component)."""
+
+    @property
+    def num_ep_layers(self) -> int:
+        return 0 if self.ep_layers is None else int(self.ep_layers.sum())
 
     @property
     def compute_s(self) -> float:

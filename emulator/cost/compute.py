@@ -212,7 +212,7 @@ def moe_time_s(s: RankShapes, roof: Roofline, num_tokens, num_group_tokens, ep: 
     routing counts ((token, expert) pairs per expert in this layer), expert i on rank
     i // (E / ep); without it routing is uniform and the expectation is used.
     """
-    fixed = roof.time_s(num_tokens * s.moe_fixed_flops_per_token, s.moe_fixed_weight_bytes)
+    fixed = moe_fixed_time_s(s, roof, num_tokens)
     if expert_tokens is None:
         pairs = num_group_tokens * s.top_k / ep
         distinct = expected_distinct_experts(s.num_experts, s.top_k, s.num_local_experts,
@@ -225,6 +225,18 @@ def moe_time_s(s: RankShapes, roof: Roofline, num_tokens, num_group_tokens, ep: 
         routed = roof.time_s(pairs * s.expert_flops_per_pair,
                              distinct * s.expert_weight_bytes).max()
     return fixed + routed + roof.launch_s
+
+
+def moe_fixed_time_s(s: RankShapes, roof: Roofline, num_tokens):
+    """Router and shared experts of one MoE layer over this rank's tokens (no launch)."""
+    return roof.time_s(num_tokens * s.moe_fixed_flops_per_token, s.moe_fixed_weight_bytes)
+
+
+def routed_time_s(s: RankShapes, roof: Roofline, num_pairs, num_active_experts):
+    """Routed experts on one rank as a grouped GEMM: ``num_pairs`` (token, expert) pairs
+    over ``num_active_experts`` local experts whose weights are read (no launch)."""
+    return roof.time_s(num_pairs * s.expert_flops_per_pair,
+                       num_active_experts * s.expert_weight_bytes)
 
 
 def embed_time_s(s: RankShapes, roof: Roofline, num_tokens):

@@ -11,17 +11,62 @@ stage p computes ``pre + sum(attn + mlp) + post`` and communicates ``2 * L_p`` T
 all-reduces, the embedding all-reduce (stage 0), the logits all-gather (last stage) and, for
 MoE layers with ep > 1, an all-to-all dispatch and combine; then it sends the activations to
 stage p + 1. :func:`plan_latency_s` adds these up for one plan going through all stages.
+
+Expert parallelism (ep > 1). Given a :class:`~emulator.core.routing.RoutingSpec`, routed
+experts and all-to-alls are priced on the *busiest* rank of the routing's load distribution:
+the expectation over seeded sample routings (core.routing.sample_loads, the same gating the
+workers run) of max over ranks of the rank's grouped-GEMM time, and of max over ranks of
+the rows it sends to or receives from other ranks. Samples are drawn once per token count
+(exact up to 64 group tokens, then 4 buckets per octave up to 4096, scaled linearly to
+the exact count) and cached. Without a RoutingSpec the uniform expectation of compute.moe_time_s is
+used. StageWork also carries what a worker needs to scale its own expert delay by the pairs
+it really receives (``expert_s_per_pair``, ``expert_s_per_weight``).
 """
 
 from __future__ import annotations
 
 import numpy as np
 
+import math
+from dataclasses import dataclass
+
 from emulator.core.plan import BatchPlan
+from emulator.core.routing import RoutingSpec, sample_loads
 from emulator.core.work import StageWork, StepWork
 from emulator.cost.comm import CommProfile, placement_of
 from emulator.cost.compute import (Efficiency, RankShapes, Roofline, attention_time_s,
-                                   dense_mlp_time_s, embed_time_s, lm_head_time_s, moe_time_s)
+                                   dense_mlp_time_s, embed_time_s, lm_head_time_s,
+                                   moe_fixed_time_s, moe_time_s, routed_time_s)
+
+EXACT_LOAD_TOKENS = 64
+"""Group token counts up to this are sampled exactly; larger ones in quarter-octave buckets."""
+MAX_SAMPLE_TOKENS = 4096
+"""Larger buckets are sampled at this many tokens and scaled: beyond it the sampling noise
+of the per-rank load is small against the popularity skew, and one 64k-token sample of a
+256-expert gate costs seconds."""
+
+
+@dataclass(frozen=True, slots=True)
+class MoeLoad:
+    """Predicted per-layer expert load of one step (expectations over sample routings)."""
+
+    num_group_tokens: int
+    """Tokens entering the EP group."""
+    busiest_expert_s: float
+    """Routed-expert time of the most loaded rank, target seconds."""
+    mean_expert_s: float
+    """Routed-expert time averaged over ranks; busiest - mean is the predicted mean
+    sync-wait of a rank in the combine all-to-all."""
+    imbalance: float
+    """max / mean of the (token, expert) pairs per rank."""
+    busiest_a2a_rows: float
+    """Max over ranks of rows sent to or received from other ranks, per all-to-all."""
+
+
+def _load_bucket(num_tokens: int) -> int:
+    if num_tokens <= EXACT_LOAD_TOKENS:
+        return num_tokens
+    return min(MAX_SAMPLE_TOKENS, int(round(2.0 ** (round(4 * math.log2(num_tokens)) / 4))))
 
 
 def plan_latency_s(compute_s: np.ndarray, comm_s: np.ndarray, p2p_s: float) -> float:
@@ -38,7 +83,8 @@ class CostModel:
     """
 
     def __init__(self, model, hardware, layout, profile: CommProfile | None = None,
-                 efficiency: Efficiency | None = None) -> None:
+                 efficiency: Efficiency | None = None, *, routing: RoutingSpec | None = None,
+                 dispatch_dtype_bytes: int | None = None) -> None:
         layout.validate_for(model)
         self.model, self.hardware, self.layout = model, hardware, layout
         self.tp, self.pp, self.ep = layout.tp, layout.pp, layout.ep
@@ -60,6 +106,24 @@ class CostModel:
         self._num_moe = [m for _, _, m in self._stage_layers]
         self._num_layers = np.array([ids.size for ids, _, _ in self._stage_layers], np.float64)
         self._comm = {}  # replica -> resolved collective lines
+        # --- expert parallelism ---
+        self._ep_on = model.is_moe and self.ep > 1
+        if routing is not None and (routing.num_experts != model.num_routed_experts
+                                    or routing.top_k != model.num_experts_per_tok
+                                    or routing.ep != self.ep):
+            raise ValueError(f"routing is for {routing.num_experts} experts top-"
+                             f"{routing.top_k} ep={routing.ep}; the model/layout has "
+                             f"{model.num_routed_experts} top-{model.num_experts_per_tok} "
+                             f"ep={self.ep}")
+        self.routing = routing if self._ep_on else None
+        dispatch_b = model.dtype_bytes if dispatch_dtype_bytes is None else dispatch_dtype_bytes
+        self._dispatch_row = model.hidden_size * dispatch_b if self._ep_on else 0
+        self._combine_row = model.hidden_size * model.dtype_bytes if self._ep_on else 0
+        # Ranks of the EP group that hold a stage's tokens: its TP ranks when EP spans
+        # stages (group order is stage-major), every rank otherwise.
+        self._ep_sources = (np.arange(self.tp) if getattr(layout, "ep_spans_stages", False)
+                            else None)
+        self._loads: dict[int, tuple] = {}
 
     # --- communication lines, resolved once per replica -------------------------------
     def _lines(self, replica: int) -> dict:
@@ -125,8 +189,12 @@ class CostModel:
         num_samples = len(new)
         if prompt_tokens is not None:
             num_samples -= int(np.count_nonzero(pf & (ctx + new < prompt_tokens)))
-        return self._work(num_tokens, prefill_pairs, decode_pairs, prefill_ctx,
+        work = self._work(num_tokens, prefill_pairs, decode_pairs, prefill_ctx,
                           int(ctx.sum()) + num_tokens, num_samples, expert_tokens)
+        if self._ep_on:
+            for st in work.stages:
+                st.routing_replica, st.routing_step = plan.replica, plan.step
+        return work
 
     def _work(self, num_tokens, prefill_pairs, decode_pairs, prefill_ctx, kv_tokens,
               num_samples, expert_tokens=None) -> StepWork:
@@ -134,7 +202,9 @@ class CostModel:
         attn = float(attention_time_s(s, roof, num_tokens, prefill_pairs, decode_pairs,
                                       prefill_ctx, kv_tokens))
         dense = float(dense_mlp_time_s(s, roof, num_tokens)) if self.model.intermediate_size else 0.0
-        moe = self._moe_times(num_tokens, expert_tokens)
+        ep = self._ep_fields(num_tokens, expert_tokens)
+        moe = ep.pop("moe")
+        expert = ep.pop("expert")
         act = num_tokens * self._act_bytes
         tp_bytes = act if self.tp > 1 else 0
         stages = []
@@ -145,6 +215,11 @@ class CostModel:
                 mlp = np.where(is_moe, moe, dense)
             else:
                 mlp = np.where(is_moe, moe[ids], dense)
+            if self._ep_on and num_moe:
+                ep_fields = dict(ep, ep_layers=is_moe, expert_compute_s=np.where(
+                    is_moe, expert if isinstance(expert, float) else expert[ids], 0.0))
+            else:
+                ep_fields = {}
             last = p == self.pp - 1
             stages.append(StageWork(
                 stage=p, layer_ids=ids, attn_compute_s=np.full(ids.size, attn),
@@ -154,26 +229,83 @@ class CostModel:
                 post_compute_s=float(lm_head_time_s(s, roof, num_samples)) if last else 0.0,
                 logits_gather_bytes=(num_samples * (self.model.vocab_size // self.tp)
                                      * self.model.dtype_bytes if last and self.tp > 1 else 0),
-                pp_send_bytes=0 if last else act))
+                pp_send_bytes=0 if last else act, **ep_fields))
         return StepWork(stages=stages, num_tokens=num_tokens, num_sampled_tokens=num_samples)
 
     def _moe_times(self, num_tokens: int, expert_tokens):
-        """One float for uniform routing, else float [num_layers] per layer."""
+        """(mlp, routed): the MoE MLP time of the busiest rank and its routed-expert part;
+        floats for one value for every MoE layer, else float [num_layers] per layer."""
         if not self.model.is_moe:
-            return 0.0
+            return 0.0, 0.0
         s, roof, group = self.shapes, self.roofline, num_tokens * self._group_batches
+        fixed = moe_fixed_time_s(s, roof, num_tokens) + roof.launch_s
         if expert_tokens is None:
-            return float(moe_time_s(s, roof, num_tokens, group, self.ep))
+            if self.routing is not None:
+                routed = self.moe_load(num_tokens).busiest_expert_s
+                return fixed + routed, routed
+            mlp = float(moe_time_s(s, roof, num_tokens, group, self.ep))
+            return mlp, mlp - fixed
         counts = np.asarray(expert_tokens)
         if counts.ndim == 1:
-            return float(moe_time_s(s, roof, num_tokens, group, self.ep, counts))
+            mlp = float(moe_time_s(s, roof, num_tokens, group, self.ep, counts))
+            return mlp, mlp - fixed
         if counts.shape != (self.model.num_layers, self.model.num_routed_experts):
             raise ValueError(f"expert_tokens must be [num_routed_experts] or [num_layers, "
                              f"num_routed_experts], got shape {counts.shape}")
         out = np.zeros(self.model.num_layers)
         for layer in range(self.model.num_dense_layers, self.model.num_layers):
             out[layer] = moe_time_s(s, roof, num_tokens, group, self.ep, counts[layer])
-        return out
+        return out, np.where(out > 0, out - fixed, 0.0)
+
+    def _ep_fields(self, num_tokens: int, expert_tokens) -> dict:
+        """moe / expert times plus the StageWork EP fields shared by all stages."""
+        moe, expert = self._moe_times(num_tokens, expert_tokens)
+        fields = {"moe": moe, "expert": expert}
+        if not self._ep_on:
+            return fields
+        if self.routing is not None and expert_tokens is None:
+            rows = self.moe_load(num_tokens).busiest_a2a_rows
+        else:  # uniform expectation (cost convention of ep_all_to_all_bytes)
+            rows = self.ep_all_to_all_bytes(num_tokens) / self._act_bytes
+        s, roof = self.shapes, self.roofline
+        fields.update(
+            expert_s_per_pair=s.expert_flops_per_pair / roof.flops_per_s,
+            expert_s_per_weight=s.expert_weight_bytes / roof.bytes_per_s,
+            dispatch_bytes_per_row=self._dispatch_row, combine_bytes_per_row=self._combine_row,
+            ep_dispatch_bytes=int(rows * self._dispatch_row),
+            ep_combine_bytes=int(rows * self._combine_row), routing=self.routing)
+        return fields
+
+    def moe_load(self, num_tokens: int) -> MoeLoad:
+        """Predicted load of one MoE layer for a step of ``num_tokens`` tokens on this
+        replica (needs a RoutingSpec); cached per token bucket."""
+        if self.routing is None:
+            raise ValueError("moe_load needs a CostModel built with routing= (MoE, ep > 1)")
+        group = num_tokens * self._group_batches
+        bucket = _load_bucket(group)
+        base = self._loads.get(bucket)
+        if base is None:
+            base = self._sample_load(bucket)
+            self._loads[bucket] = base
+        scale = group / bucket if bucket else 0.0
+        pairs, active, imbalance, rows = base
+        s, roof = self.shapes, self.roofline
+        times = [routed_time_s(s, roof, p * scale, a) for p, a in zip(pairs, active)]
+        busiest = float(np.mean([t.max() for t in times]))
+        mean = float(np.mean([t.mean() for t in times]))
+        return MoeLoad(num_group_tokens=group, busiest_expert_s=busiest, mean_expert_s=mean,
+                       imbalance=imbalance, busiest_a2a_rows=rows * scale)
+
+    def _sample_load(self, num_tokens: int) -> tuple:
+        # Enough samples to see ~4k pairs, at least 4 and at most 32.
+        pairs_seen = max(1, num_tokens * self.routing.top_k)
+        n = int(min(32, max(4, math.ceil(4096 / pairs_seen))))
+        samples = sample_loads(self.routing, num_tokens, n, self._ep_sources)
+        pairs = [r.rank_tokens.astype(np.float64) for r in samples]
+        active = [r.rank_active_slots(self.ep).astype(np.float64) for r in samples]
+        imbalance = float(np.mean([r.imbalance for r in samples]))
+        rows = float(np.mean([r.busiest_a2a_rows for r in samples]))
+        return pairs, active, imbalance, rows
 
     def ep_all_to_all_bytes(self, num_tokens: int) -> int:
         """Busiest-rank bytes of one EP all-to-all (dispatch or combine) for uniform routing:
@@ -197,7 +329,6 @@ class CostModel:
         ar_a, ar_b = lines["ar"]
         ag_a, ag_b = lines["ag"]
         a2a_a, a2a_b = lines["a2a"]
-        a2a_bytes = self.ep_all_to_all_bytes(work.num_tokens)
         compute = np.empty(self.pp)
         comm = np.empty(self.pp)
         # Python scalars per stage: cheaper than array arithmetic for a handful of stages.
@@ -210,8 +341,9 @@ class CostModel:
                 t += ar_a[p] + ar_b[p] * st.embed_allreduce_bytes
             if st.logits_gather_bytes:  # all_gather is priced by its gathered output
                 t += ag_a[p] + ag_b[p] * st.logits_gather_bytes * self.tp
-            if a2a_bytes:  # dispatch + combine per MoE layer
-                t += 2 * self._num_moe[p] * (a2a_a[p] + a2a_b[p] * a2a_bytes)
+            if st.ep_dispatch_bytes:  # dispatch + combine per MoE layer
+                t += self._num_moe[p] * (2 * a2a_a[p] + a2a_b[p] * (st.ep_dispatch_bytes
+                                                                    + st.ep_combine_bytes))
             comm[p] = t
         send = work.stages[0].pp_send_bytes if self.pp > 1 else 0
         p2p = max((h.time_s(send) for h in lines["hops"]), default=0.0)
