@@ -43,7 +43,7 @@ def _register() -> None:
     # the others; each module defines `commands` (a list of click commands/groups).
     import importlib
 
-    for name in ("trace", "run", "results"):
+    for name in ("trace", "run", "results", "calibrate"):
         try:
             module = importlib.import_module(f"emulator.cli.{name}")
         except ModuleNotFoundError as exc:
