@@ -1,0 +1,163 @@
+"""Emulator fidelity and control overhead, each as a ratio against a reference measured in
+the same run (these machines are shared and noisy, so absolute times mean little).
+
+(a) Collective fidelity: the median TP all-reduce time inside emulation steps (host time,
+    per rank, exit - entry) divided by the median of a raw ``torch.distributed`` all-reduce
+    of the same size and world, timed in two bare processes right after the emulation.
+    Target <= 1.10 (project goal: within 2%). The transfer part alone (exit - max entry
+    over the ranks, i.e. without waiting for a straggler) is printed too.
+(b) Control overhead: (wall - sum over steps of the slowest rank's compute delay + collective
+    time) / wall, target <= 5% (project goal: 2%); and the per-step overhead divided by a
+    bare Ray actor round trip measured in the same Ray.
+
+Workload: an offline batch of identical requests (fixed prompt and output lengths), so every
+decode step has the same tokens and therefore the same all-reduce size.
+
+    .venv/bin/python benchmarks/bench_emulator.py [--model llama-3.1-8b] [--requests 32]
+        [--output-tokens 64] [--dilation 10] [--tp 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def raw_allreduce_median_s(num_bytes: int, world: int, iters: int) -> float:
+    """Median seconds of a gloo all-reduce of num_bytes among `world` bare processes."""
+    import torch.multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    queue = ctx.SimpleQueue()
+    port = 29000 + os.getpid() % 1000
+    procs = [ctx.Process(target=_raw_worker, args=(r, world, port, num_bytes, iters, queue))
+             for r in range(world)]
+    for p in procs:
+        p.start()
+    results = [queue.get() for _ in procs]
+    for p in procs:
+        p.join(timeout=60)
+    return statistics.median(t for rank_times in results for t in rank_times)
+
+
+def _raw_worker(rank, world, port, num_bytes, iters, queue):
+    import torch
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), GLOO_SOCKET_IFNAME="lo")
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    buf = torch.zeros(num_bytes // 2, dtype=torch.bfloat16)  # as the workers do
+    for _ in range(10):
+        dist.all_reduce(buf)
+    times = []
+    for _ in range(iters):
+        t0 = time.monotonic()
+        dist.all_reduce(buf)
+        times.append(time.monotonic() - t0)
+    dist.destroy_process_group()
+    queue.put(times)
+
+
+def bare_round_trip_s(iters: int = 200) -> float:
+    import ray
+
+    @ray.remote(num_cpus=0.01)
+    class Echo:
+        def ping(self):
+            return 0
+
+    echo = Echo.remote()
+    ray.get(echo.ping.remote())
+    times = []
+    for _ in range(iters):
+        t0 = time.monotonic()
+        ray.get(echo.ping.remote())
+        times.append(time.monotonic() - t0)
+    ray.kill(echo)
+    return statistics.median(times)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="llama-3.1-8b")
+    ap.add_argument("--hardware", default="h100")
+    ap.add_argument("--tp", type=int, default=2)
+    ap.add_argument("--requests", type=int, default=32)
+    ap.add_argument("--prompt-tokens", type=int, default=64)
+    ap.add_argument("--output-tokens", type=int, default=64)
+    ap.add_argument("--dilation", type=float, default=10.0)
+    args = ap.parse_args()
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from emulator.build import build_run
+    from emulator.config import build_config
+    from emulator.runtime.cluster import WorkerGroup
+    from emulator.runtime.executor import Emulation
+    from emulator.runtime.ray_setup import start_ray
+    from emulator.trace.io import write_trace
+    from emulator.trace.synth import synth_trace
+
+    tmp = Path(tempfile.mkdtemp())
+    trace_path = tmp / "batch.arrow"
+    write_trace(synth_trace(num_requests=args.requests, lengths="fixed", arrival="batch",
+                            prompt_tokens=args.prompt_tokens, output_tokens=args.output_tokens,
+                            seed=0), trace_path)
+    cfg = build_config(trace=trace_path, model=args.model, hardware=args.hardware, tp=args.tp,
+                       dilation=args.dilation, memory_scale=1e-3, timeout_s=60)
+    setup = build_run(cfg, record_slots=True)
+    with start_ray(None):
+        rtt_s = bare_round_trip_s()
+        with WorkerGroup(setup.layout, backend="gloo", timeout_s=60) as group:
+            emu = Emulation(setup, group)
+            emu.allocate()
+            emu.run()
+            tables = emu.tables()
+    d = args.dilation
+    steps = tables.steps
+    col = tables.collectives
+    decode_steps = set(steps["step"].to_numpy()[steps["num_prefill_tokens"].to_numpy() == 0].tolist())
+    op = col["op"].to_numpy(zero_copy_only=False)
+    layer = col["layer"].to_numpy()
+    in_decode = np.isin(col["step"].to_numpy(), list(decode_steps))
+    mask = (op == "all_reduce") & (layer >= 0) & in_decode
+    size = int(np.median(col["bytes"].to_numpy()[mask]))
+    mask &= col["bytes"].to_numpy() == size
+    ar_s = (col["exit_s"].to_numpy() - col["entry_s"].to_numpy())[mask] * d
+    transfer_s = col["transfer_s"].to_numpy()[mask] * d
+    raw_s = raw_allreduce_median_s(size, args.tp, iters=max(200, min(2000, int(mask.sum()))))
+
+    wall_s = emu.stats.wall_s
+    busy_s = float(((steps["compute_s"].to_numpy() + steps["comm_s"].to_numpy()) * d).sum())
+    overhead_s = wall_s - busy_s
+    num_steps = emu.stats.num_steps
+
+    t = Table(title=f"emulator: {args.model} TP={args.tp}, {args.requests} x "
+                    f"({args.prompt_tokens}+{args.output_tokens}) tokens, dilation {d:g}, "
+                    f"{num_steps} steps")
+    t.add_column("figure")
+    t.add_column("value", justify="right")
+    t.add_column("reference (same run)", justify="right")
+    t.add_column("ratio", justify="right")
+    t.add_row(f"all-reduce {size / 1024:.0f} KiB in steps, median (n={mask.sum()})",
+              f"{np.median(ar_s) * 1e3:.3f} ms", f"raw gloo {raw_s * 1e3:.3f} ms",
+              f"{np.median(ar_s) / raw_s:.3f}")
+    t.add_row("  transfer part only (exit - last entry)", f"{np.median(transfer_s) * 1e3:.3f} ms",
+              f"raw gloo {raw_s * 1e3:.3f} ms", f"{np.median(transfer_s) / raw_s:.3f}")
+    t.add_row("control overhead (wall - compute - comm)", f"{overhead_s:.3f} s",
+              f"wall {wall_s:.3f} s", f"{overhead_s / wall_s:.2%}")
+    t.add_row("per-step overhead", f"{overhead_s / num_steps * 1e3:.3f} ms",
+              f"bare Ray round trip {rtt_s * 1e3:.3f} ms", f"{overhead_s / num_steps / rtt_s:.2f}")
+    Console().print(t)
+    print(f"load average: {os.getloadavg()}")
+
+
+if __name__ == "__main__":
+    main()
