@@ -82,7 +82,7 @@ def collectives(output, **kw):
     raw = _run_bench(**kw)
     output = output or Path("bench-collectives.parquet")
     write_table_atomic(output, raw)
-    Console().print(_bench_table(summarize(raw)))
+    Console(width=120).print(_bench_table(summarize(raw)))
     click.echo(f"per-iteration times: {output}")
 
 
@@ -114,7 +114,7 @@ def calibrate(output, from_bench, no_host_probe, name, **kw):
     for e in profile.entries:
         table.add_row(e.op, str(e.group_size), e.placement, format_seconds(e.alpha_s),
                       f"{e.beta_s_per_byte * 1e9:.4f}", f"{e.gamma_s_per_byte * 1e9:.4f}")
-    console = Console()
+    console = Console(width=120)
     console.print(table)
     errors = Table(title="fit error per point: (fit - median) / median")
     for col in ("op", "ranks", "size (B)", "measured", "fit", "error"):
@@ -139,7 +139,7 @@ def validate(config_file, outdir, **values):
 
     cfg = build_config(config_file, **values)
     report = run(cfg, outdir)
-    console = Console()
+    console = Console(width=120)
     table = Table(title=f"validation: {outdir}")
     table.add_column("metric")
     table.add_column("signed error", justify="right")

@@ -1,0 +1,161 @@
+"""Errors of the simulator's predictions against an emulation (pure: numpy and Arrow).
+
+Every error is signed, ``(predicted - measured) / measured`` (0.05 = the simulator is 5%
+high), so bias shows; headlines and the verdict use magnitudes.
+
+- Steps: per step kind (prefill = any prompt tokens, else decode) and batch-size bucket
+  (requests 1, 2-3, 4-7, ...), the error of the median step time; overall, the error of the
+  median over all joined rows (a row is one stage of one step: ``end - start``).
+- Noise floor: the mean absolute deviation of measured step times from the median of steps
+  with the *same plan shape* (stage, requests, prefill and decode tokens), over shapes seen
+  at least 3 times, as a fraction of that median. Identical steps differ only by host noise,
+  so no predictor's per-step error can go below it; it is printed beside the per-step MAPE.
+- Collectives: per op and size bucket (< 64 KiB, >= 64 KiB), the error of the median time of
+  the emulated instances against the median of the host profile's prediction for the same
+  instances (op, group size, placement, bytes). A measured instance's time is
+  ``max(exit) - max(entry)`` over its ranks: the transfer once the last rank has entered;
+  the straggler wait (``max(entry) - entry``) is compared separately with the profile's
+  ``sync_wait_s``. The headline per bucket is the largest magnitude over ops.
+- Requests: TTFT, TPOT and E2E at p50 and p90; the drain time (last finish - first arrival).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from emulator.cost.comm import CommProfile
+from emulator.metrics.instances import instance_ids
+from emulator.metrics.summary import compute_metrics
+
+LARGE_BYTES = 64 * 1024
+MIN_SHAPE_REPEATS = 3
+
+
+def rel_error(predicted: float, measured: float) -> float | None:
+    if measured is None or predicted is None or not np.isfinite(measured) or measured <= 0:
+        return None
+    return float((predicted - measured) / measured)
+
+
+def batch_bucket(num_requests: np.ndarray) -> np.ndarray:
+    """Label per row: '1', '2-3', '4-7', ... (powers of two)."""
+    lo = 2 ** np.floor(np.log2(np.maximum(num_requests, 1))).astype(np.int64)
+    return np.array([str(a) if a == 1 else f"{a}-{2 * a - 1}" for a in lo.tolist()], dtype=object)
+
+
+def step_errors(joined: dict[str, np.ndarray]) -> dict[str, Any]:
+    meas, pred = joined["measured_s"], joined["predicted_s"]
+    kind = np.where(joined["num_prefill_tokens"] > 0, "prefill", "decode")
+    bucket = batch_bucket(joined["num_requests"])
+    groups = []
+    for k in ("prefill", "decode"):
+        for b in sorted(set(bucket[kind == k].tolist()), key=lambda s: int(s.split("-")[0])):
+            sel = (kind == k) & (bucket == b)
+            groups.append({"kind": k, "batch": b, "num_steps": int(sel.sum()),
+                           "measured_median_s": float(np.median(meas[sel])),
+                           "predicted_median_s": float(np.median(pred[sel])),
+                           "median_error": rel_error(np.median(pred[sel]), np.median(meas[sel]))})
+    per_step = (pred - meas) / meas
+    return {"step_time_median_error": rel_error(np.median(pred), np.median(meas)),
+            "step_time_mape": float(np.mean(np.abs(per_step))),
+            "step_time_bias": float(np.mean(per_step)),
+            "num_steps": int(meas.size), "by_kind": groups}
+
+
+def noise_floor(joined: dict[str, np.ndarray]) -> dict[str, Any]:
+    """MAPE of measured steps against the median of their plan shape (module docstring)."""
+    shape = np.stack([joined[k] for k in ("stage", "num_requests", "num_prefill_tokens",
+                                          "num_decode_tokens")], axis=1)
+    _, inv, counts = np.unique(shape, axis=0, return_inverse=True, return_counts=True)
+    inv = inv.ravel()
+    dev = []
+    for g in np.flatnonzero(counts >= MIN_SHAPE_REPEATS):
+        t = joined["measured_s"][inv == g]
+        dev.append(np.abs(t - np.median(t)) / np.median(t))
+    if not dev:
+        return {"noise_floor_mape": None, "noise_floor_num_steps": 0}
+    d = np.concatenate(dev)
+    return {"noise_floor_mape": float(d.mean()), "noise_floor_num_steps": int(d.size)}
+
+
+def collective_instances(collectives: pa.Table, node_of_rank: list | None = None
+                         ) -> dict[str, np.ndarray]:
+    """One row per instance: op (send/recv -> send_recv), group size, placement, bytes (the
+    cost model's convention: all_gather = gathered output), time_s, sync_wait_s."""
+    c = {n: collectives[n].to_numpy(zero_copy_only=False) for n in (
+        "replica", "step", "group", "seq", "op", "rank", "bytes", "entry_s", "exit_s")}
+    ids = instance_ids(replica=c["replica"], step=c["step"], group=c["group"], seq=c["seq"])
+    order = np.argsort(ids, kind="stable")
+    ids_s = ids[order]
+    starts = np.flatnonzero(np.r_[True, ids_s[1:] != ids_s[:-1]])
+    size = np.diff(np.r_[starts, ids_s.size])
+    entry, exit_ = c["entry_s"][order], c["exit_s"][order]
+    max_entry = np.maximum.reduceat(entry, starts)
+    time_s = np.maximum.reduceat(exit_, starts) - max_entry
+    sync = np.add.reduceat(np.repeat(max_entry, size) - entry, starts) / size
+    op = c["op"][order][starts].astype(str)
+    op = np.where((op == "send") | (op == "recv"), "send_recv", op)
+    nbytes = np.maximum.reduceat(c["bytes"][order], starts).astype(np.float64)
+    nbytes = np.where(op == "all_gather", nbytes * size, nbytes)
+    ranks = c["rank"][order]
+    if node_of_rank:
+        nodes = np.asarray(node_of_rank, dtype=object)[ranks]
+        inter = np.array([len(set(nodes[s:s + k].tolist())) > 1 for s, k in zip(starts, size)])
+    else:
+        inter = np.zeros(starts.size, bool)
+    return {"op": op, "group_size": np.where(op == "send_recv", 2, size),
+            "placement": np.where(inter, "inter", "intra"), "bytes": nbytes,
+            "time_s": time_s, "sync_wait_s": sync}
+
+
+def collective_errors(inst: dict[str, np.ndarray], profile: CommProfile) -> dict[str, Any]:
+    """Per op and size bucket, the error of the median (``profile`` in the tables' units)."""
+    pred = np.array([profile.time_s(o, int(n), p, float(b)) for o, n, p, b in zip(
+        inst["op"].tolist(), inst["group_size"].tolist(), inst["placement"].tolist(),
+        inst["bytes"].tolist())])
+    rows, worst = [], {"small": None, "large": None}
+    large = inst["bytes"] >= LARGE_BYTES
+    for op in sorted(set(inst["op"].tolist())):
+        for label, sel_size in (("small", ~large), ("large", large)):
+            sel = (inst["op"] == op) & sel_size
+            if not sel.any():
+                continue
+            err = rel_error(np.median(pred[sel]), np.median(inst["time_s"][sel]))
+            rows.append({"op": op, "bucket": label, "num_instances": int(sel.sum()),
+                         "measured_median_s": float(np.median(inst["time_s"][sel])),
+                         "predicted_median_s": float(np.median(pred[sel])),
+                         "median_error": err})
+            if err is not None and (worst[label] is None or abs(err) > abs(worst[label])):
+                worst[label] = err
+    group_ops = inst["op"] != "send_recv"
+    measured_sync = float(np.mean(inst["sync_wait_s"][group_ops])) if group_ops.any() else None
+    modeled_sync = profile.host.sync_wait_s if profile.host is not None else None
+    return {"collective_median_error_small": worst["small"],
+            "collective_median_error_large": worst["large"], "by_op": rows,
+            "sync_wait_measured_mean_s": measured_sync, "sync_wait_modeled_s": modeled_sync,
+            "sync_wait_error": rel_error(modeled_sync, measured_sync)
+            if measured_sync and modeled_sync is not None else None}
+
+
+def request_errors(measured: pa.Table, predicted: pa.Table) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for name in ("ttft", "tpot", "e2e"):
+        m = measured[f"{name}_s"].to_numpy()
+        p = predicted[f"{name}_s"].to_numpy()
+        for q in (50, 90):
+            mv = m[np.isfinite(m)]
+            pv = p[np.isfinite(p)]
+            out[f"{name}_p{q}_error"] = (rel_error(np.percentile(pv, q), np.percentile(mv, q))
+                                         if mv.size and pv.size else None)
+    return out
+
+
+def drain_error(measured_requests: pa.Table, measured_steps: pa.Table,
+                predicted_requests: pa.Table, predicted_steps: pa.Table) -> dict[str, Any]:
+    m = compute_metrics(measured_requests, measured_steps)["drain_time_s"]
+    p = compute_metrics(predicted_requests, predicted_steps)["drain_time_s"]
+    return {"drain_time_error": rel_error(p, m), "drain_time_measured_s": m,
+            "drain_time_predicted_s": p}

@@ -1,0 +1,133 @@
+"""`emulator validate`: emulate, simulate with the host profile, join, report.
+
+Units (DESIGN section 3): the emulator's tables are host seconds / ``dilation``; its compute
+delays are the cost model's times x ``dilation``, its collectives run undilated. So the
+simulator predicts the emulation in the same units with compute x1 and everything measured
+on the host — the calibrated collective lines and the host overheads — x 1/dilation:
+``profile.scaled(1 / dilation)``. The simulation steps every plan (no fast-forward) through
+a :class:`CostModelExecutor` that is given the scaled :class:`HostOverhead` and the event
+loop's clock, so per-step overheads, straggler waits and PP bubbles are priced per plan.
+
+Comparable runs need the same plans: use an offline batch trace (see join.py).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from emulator.atomic import write_json_atomic
+from emulator.build import build_run
+from emulator.config import RunConfig
+from emulator.cost import CostModel
+from emulator.cost.comm import CommProfile
+from emulator.cost.profile_io import load_profile
+from emulator.errors import ConfigError
+from emulator.metrics.io import RunWriter
+from emulator.simulator.engine import CostModelExecutor, Simulation
+from emulator.simulator.run import RunTables, request_table, run_extra
+from emulator.validate.join import join_steps
+from emulator.validate.report import (collective_errors, collective_instances, drain_error,
+                                      noise_floor, request_errors, step_errors)
+
+TARGETS = {"step_time_median_error": 0.10, "drain_time_error": 0.10,
+           "collective_median_error_large": 0.15}
+"""The acceptance bounds of the verdict (magnitudes)."""
+
+
+def host_profile(config: RunConfig) -> CommProfile:
+    if config.comm_profile is None:
+        raise ConfigError("validate needs --comm-profile: the host profile written by "
+                          "`emulator calibrate -o host.json` on this host")
+    return load_profile(config.comm_profile)
+
+
+def simulate_host(config: RunConfig, profile: CommProfile) -> RunTables:
+    """The simulator's prediction of an emulation of ``config`` on the calibrated host."""
+    setup = build_run(config)
+    scaled = profile.scaled(1.0 / config.dilation)
+    setup.cost = CostModel(setup.model, setup.hardware, setup.layout, scaled)
+    requests = setup.new_requests()
+    sim = Simulation(requests, setup.new_schedulers(requests), setup.new_router(), setup.cost,
+                     fast_forward=False)
+    sim.executor = CostModelExecutor(setup.cost, requests, host=scaled.host,
+                                     clock=lambda: sim.now_s)
+    sim.run()
+    return RunTables(requests=request_table(requests).to_table(), steps=sim.steps.to_table(),
+                     extra=run_extra(setup, requests))
+
+
+def build_report(config: RunConfig, profile: CommProfile, emu: RunTables, sim: RunTables,
+                 node_of_rank: list | None = None) -> tuple[dict[str, Any], dict]:
+    """validation.json's document and the joined steps (raises ValidationJoinError)."""
+    joined = join_steps(emu.steps, sim.steps)
+    report: dict[str, Any] = {}
+    steps = step_errors(joined)
+    report.update({k: v for k, v in steps.items() if k != "by_kind"})
+    report.update(noise_floor(joined))
+    report.update(drain_error(emu.requests, emu.steps, sim.requests, sim.steps))
+    report.update(request_errors(emu.requests, sim.requests))
+    scaled = profile.scaled(1.0 / config.dilation)
+    if emu.collectives is not None and emu.collectives.num_rows:
+        coll = collective_errors(collective_instances(emu.collectives, node_of_rank), scaled)
+    else:
+        coll = {"collective_median_error_small": None, "collective_median_error_large": None,
+                "by_op": []}
+    report["collective_median_error_small"] = coll["collective_median_error_small"]
+    report["collective_median_error_large"] = coll["collective_median_error_large"]
+    report["steps_by_kind"] = steps["by_kind"]
+    report["collectives"] = coll
+    report["host_overheads_modeled"] = profile.host is not None
+    report["dilation"] = config.dilation
+    report["profile"] = profile.name
+    report["verdict"] = verdict(report)
+    return report, joined
+
+
+def verdict(report: dict[str, Any]) -> str:
+    """One line: PASS/FAIL against TARGETS, with the noise floor beside them."""
+    parts, failed = [], []
+    for key, bound in TARGETS.items():
+        value = report.get(key)
+        label = key.replace("_error", "").replace("_", " ")
+        if value is None:
+            parts.append(f"{label} n/a")
+            continue
+        parts.append(f"{label} {value * 100:+.1f}%")
+        if abs(value) > bound:
+            failed.append(f"{label} |{value * 100:.1f}%| > {bound * 100:.0f}%")
+    nf = report.get("noise_floor_mape")
+    noise = "n/a" if nf is None else f"{nf * 100:.1f}%"
+    head = "PASS" if not failed else "FAIL (" + "; ".join(failed) + ")"
+    return (f"{head}: " + ", ".join(parts) + f"; per-step MAPE "
+            f"{report['step_time_mape'] * 100:.1f}% vs noise floor {noise}")
+
+
+def validate(config: RunConfig, outdir: Path, *, on_progress=None) -> dict[str, Any]:
+    """Emulate and simulate ``config``, write both runs under ``outdir`` (emulate/,
+    simulate/), ``validation.json`` and ``validation.png``; return the report."""
+    from emulator.runtime.executor import emulate
+    from emulator.validate.plot import plot_validation
+
+    profile = host_profile(config)
+    outdir = Path(outdir)
+    emu_writer, sim_writer = RunWriter(outdir / "emulate"), RunWriter(outdir / "simulate")
+    setup = build_run(config, record_slots=True)
+
+    def flush(tables, exc):
+        emu_writer.flush_partial(requests=tables.requests, steps=tables.steps,
+                                 collectives=tables.collectives, mode="emulate",
+                                 config=config, extra=tables.extra, error=exc)
+
+    emu = emulate(setup, on_progress=on_progress, on_partial=flush)
+    nodes = emu.extra.pop("nodes", None)
+    emu_writer.finish(requests=emu.requests, steps=emu.steps, collectives=emu.collectives,
+                      mode="emulate", config=config, nodes={"rank_node_ip": nodes},
+                      extra=emu.extra)
+    sim = simulate_host(config, profile)
+    sim_writer.finish(requests=sim.requests, steps=sim.steps, mode="simulate", config=config,
+                      extra={**sim.extra, "comm_profile_scale": 1.0 / config.dilation})
+    report, joined = build_report(config, profile, emu, sim, nodes)
+    write_json_atomic(outdir / "validation.json", report)
+    plot_validation(joined, report, outdir / "validation.png")
+    return report
