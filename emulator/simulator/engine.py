@@ -34,9 +34,76 @@ from emulator.core.router import Router
 from emulator.core.scheduler import Scheduler
 from emulator.cost import CostModel
 from emulator.metrics.records import StepRecords
+from emulator.metrics.schema import STEP_COLUMNS
 
 _DONE, _RUN_DONE, _TRY = 0, 1, 2
 MAX_RUN_STEPS = 4096  # longest fast-forwarded decode run (bounds the per-run arrays)
+
+
+class _StepBuffer:
+    """Step rows gathered during a run and handed to :class:`StepRecords` in one ``extend``
+    at the end, in the order they were produced: single rows as tuples (STEP_COLUMNS order),
+    fast-forwarded runs as a few arrays. ``StepRecords.extend`` validates every call (~0.1
+    ms), which per run would cost more than pricing the run."""
+
+    __slots__ = ("rows", "run_at", "run_meta", "run_end", "run_compute", "run_comm", "run_used")
+
+    def __init__(self) -> None:
+        self.rows: list[tuple] = []
+        self.run_at: list[int] = []  # single rows produced before each run
+        self.run_meta: list[tuple[int, int, int, int, int]] = []  # replica, step0, R, total, k
+        self.run_end: list[np.ndarray] = []
+        self.run_compute: list[np.ndarray] = []
+        self.run_comm: list[np.ndarray] = []
+        self.run_used: list[np.ndarray] = []
+
+    def add_run(self, replica: int, first_step: int, num_requests: int, kv_blocks_total: int,
+                end_s: np.ndarray, compute_s: np.ndarray, comm_s: np.ndarray,
+                kv_blocks_used: np.ndarray) -> None:
+        self.run_at.append(len(self.rows))
+        self.run_meta.append((replica, first_step, num_requests, kv_blocks_total, end_s.size))
+        self.run_end.append(end_s)
+        self.run_compute.append(compute_s)
+        self.run_comm.append(comm_s)
+        self.run_used.append(kv_blocks_used)
+
+    def flush_into(self, steps: StepRecords) -> None:
+        if not self.rows and not self.run_at:
+            return
+        names = [c[0] for c in STEP_COLUMNS]
+        single = ({n: np.array(col, dtype=c[2]) for n, c, col in zip(names, STEP_COLUMNS, zip(*self.rows))}
+                  if self.rows else {n: np.empty(0, c[2]) for n, c in zip(names, STEP_COLUMNS)})
+        num_single = len(self.rows)
+        if not self.run_at:
+            steps.extend(**single)
+            self.__init__()
+            return
+        replica, step0, num_req, total, k = (np.array(c, np.int64) for c in zip(*self.run_meta))
+        num_run = int(k.sum())
+        n = num_single + num_run
+        # Row position of each run's first step: single rows before it plus earlier runs.
+        run_start = np.array(self.run_at, np.int64) + np.cumsum(k) - k
+        is_run = np.zeros(n, bool)
+        offset = np.arange(num_run) - np.repeat(np.cumsum(k) - k, k)  # step within its run
+        is_run[np.repeat(run_start, k) + offset] = True
+        end = np.concatenate(self.run_end)
+        compute = np.concatenate(self.run_compute)
+        comm = np.concatenate(self.run_comm)
+        R = np.repeat(num_req, k)
+        run_cols = {
+            "replica": np.repeat(replica, k), "step": np.repeat(step0, k) + offset,
+            "stage": 0, "start_s": end - (compute + comm), "end_s": end, "num_requests": R,
+            "num_prefill_tokens": 0, "num_decode_tokens": R, "compute_s": compute,
+            "comm_s": comm, "kv_blocks_used": np.concatenate(self.run_used),
+            "kv_blocks_total": np.repeat(total, k), "micro_batch": 0}
+        cols = {}
+        for name, c in zip(names, STEP_COLUMNS):
+            out = np.empty(n, c[2])
+            out[is_run] = run_cols[name]
+            out[~is_run] = single[name]
+            cols[name] = out
+        steps.extend(**cols)
+        self.__init__()
 
 
 @dataclass(slots=True)
@@ -132,6 +199,8 @@ class Simulation:
         self.replicas = [_Replica(s, np.zeros(pp), list(range(pp))) for s in schedulers]
         self.fast_forward = fast_forward and pp == 1
         self.steps = StepRecords()
+        """Step rows; complete when :meth:`run` returns."""
+        self._rows = _StepBuffer()
         self.now_s = 0.0
         self._heap: list[tuple] = []
         self._seq = 0
@@ -181,6 +250,7 @@ class Simulation:
                 n = self._run_done(r, payload, time_s)
             if n and on_progress is not None:
                 on_progress(n)
+        self._rows.flush_into(self.steps)
 
     def _arrive(self, idx: int, now_s: float) -> None:
         scheds = [rep.scheduler for rep in self.replicas]
@@ -225,12 +295,8 @@ class Simulation:
         used = sched.decode_run_kv_blocks_used(k)
         ends = ends[:k]
         finished = sched.advance_decode_run(k, ends)
-        self.steps.extend(
-            replica=np.full(k, r), step=np.arange(first_step, first_step + k),
-            stage=np.zeros(k, np.int64), start_s=ends - (compute[:k] + comm[:k]), end_s=ends,
-            num_requests=np.full(k, num_req), num_prefill_tokens=np.zeros(k, np.int64),
-            num_decode_tokens=np.full(k, num_req), compute_s=compute[:k], comm_s=comm[:k],
-            kv_blocks_used=used, kv_blocks_total=np.full(k, sched.kv_blocks_total))
+        self._rows.add_run(r, first_step, num_req, sched.kv_blocks_total, ends, compute[:k],
+                           comm[:k], used)
         self.replicas[r].free_slots.pop(0)
         self._push(float(ends[-1]), _RUN_DONE, r, int(finished.size))
         return True
@@ -242,12 +308,13 @@ class Simulation:
         sched = rep.scheduler
         finished = sched.on_plan_done(plan, result.end_s)
         total = sched.kv_blocks_total
+        rows = self._rows.rows
         for s in range(result.stage_end_s.size):
-            self.steps.append(r, plan.step, s, float(result.stage_start_s[s]),
-                              float(result.stage_end_s[s]), plan.num_requests,
-                              plan.num_prefill_tokens, plan.num_decode_tokens,
-                              float(result.stage_compute_s[s]), float(result.stage_comm_s[s]),
-                              used, total, micro_batch=plan.micro_batch)
+            rows.append((r, plan.step, s, float(result.stage_start_s[s]),
+                         float(result.stage_end_s[s]), plan.num_requests,
+                         plan.num_prefill_tokens, plan.num_decode_tokens,
+                         float(result.stage_compute_s[s]), float(result.stage_comm_s[s]),
+                         used, total, plan.micro_batch))
         rep.free_slots.append(plan.micro_batch)
         rep.free_slots.sort()
         self._wake(r, now_s)
