@@ -98,8 +98,40 @@ def make_schema(table: str, columns: tuple[Column, ...]) -> pa.Schema:
                                        TABLE_KEY: table.encode()})
 
 
+MOE_COLUMNS: tuple[Column, ...] = (
+    ("replica", pa.int32(), np.dtype(np.int32), "DP replica"),
+    ("step", pa.int64(), np.dtype(np.int64), "step counter within the replica"),
+    ("micro_batch", pa.int32(), np.dtype(np.int32), "PP micro-batch slot"),
+    ("stage", pa.int32(), np.dtype(np.int32), "pipeline stage of the layer"),
+    ("layer", pa.int32(), np.dtype(np.int32), "global decoder layer (an MoE layer)"),
+    ("rank", pa.int32(), np.dtype(np.int32), "global rank"),
+    ("ep_index", pa.int32(), np.dtype(np.int32), "position of the rank in its EP group"),
+    ("num_tokens", pa.int64(), np.dtype(np.int64), "tokens of the step, tokens"),
+    ("tokens_out", pa.int64(), np.dtype(np.int64),
+     "(token, expert) pairs of this rank's tokens dispatched to experts, pairs"),
+    ("tokens_in", pa.int64(), np.dtype(np.int64),
+     "(token, expert) pairs this rank's experts computed, pairs"),
+    ("slot_experts", pa.list_(pa.int32()), None,
+     "logical expert of each expert slot on the rank (repeats = EPLB copies)"),
+    ("tokens_per_expert", pa.list_(pa.int64()), None,
+     "pairs computed by each expert slot on the rank, pairs"),
+    ("imbalance", pa.float64(), np.dtype(np.float64),
+     "max / mean of tokens_in over the layer's EP ranks (1 = balanced)"),
+    ("a2a_bytes_sent", pa.int64(), np.dtype(np.int64),
+     "bytes sent to other ranks in the dispatch plus the combine all-to-all"),
+    ("dispatch_sync_wait_s", pa.float64(), np.dtype(np.float64),
+     "dispatch all-to-all: max(entry over the EP group) - own entry, s"),
+    ("combine_sync_wait_s", pa.float64(), np.dtype(np.float64),
+     "combine all-to-all: max(entry over the EP group) - own entry, s"),
+    ("a2a_sync_wait_s", pa.float64(), np.dtype(np.float64),
+     "dispatch + combine sync-wait: time spent waiting for other ranks' experts, s"),
+)
+
 REQUESTS_SCHEMA = make_schema("requests", REQUEST_COLUMNS)
 STEPS_SCHEMA = make_schema("steps", STEP_COLUMNS)
 COLLECTIVES_SCHEMA = make_schema("collectives", COLLECTIVE_COLUMNS)
 
-SCHEMAS = {"requests": REQUESTS_SCHEMA, "steps": STEPS_SCHEMA, "collectives": COLLECTIVES_SCHEMA}
+MOE_SCHEMA = make_schema("moe", MOE_COLUMNS)
+
+SCHEMAS = {"requests": REQUESTS_SCHEMA, "steps": STEPS_SCHEMA, "collectives": COLLECTIVES_SCHEMA,
+           "moe": MOE_SCHEMA}

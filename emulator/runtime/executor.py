@@ -242,8 +242,14 @@ class Emulation:
             groups = np.empty(c, dtype=object)
             seq = np.zeros(c, np.int64)
             is_p2p = (ops == "send") | (ops == "recv")
-            groups[~is_p2p] = f"tp/dp{r}/pp{stage}"
-            seq[~is_p2p] = np.arange(int((~is_p2p).sum()))
+            is_ep = ~is_p2p & (_AXES[x.coll_axis] == "ep")
+            is_tp = ~is_p2p & ~is_ep
+            groups[is_tp] = f"tp/dp{r}/pp{stage}"
+            seq[is_tp] = np.arange(int(is_tp.sum()))
+            # The emulator runs EP over the TP ranks of a stage (ep == tp) on a communicator
+            # of its own, hence its own name and counter.
+            groups[is_ep] = f"ep/dp{r}/pp{stage}"
+            seq[is_ep] = np.arange(int(is_ep.sum()))
             send = ops == "send"
             groups[send] = f"pp/dp{r}/tp{tp_index}/{stage}>{stage + 1}"
             groups[ops == "recv"] = f"pp/dp{r}/tp{tp_index}/{stage - 1}>{stage}"
@@ -257,6 +263,7 @@ class Emulation:
             cols["bytes"].append(x.coll_bytes)
             cols["entry_s"].append(self._to_target(x.coll_entry_s))
             cols["exit_s"].append(self._to_target(x.coll_exit_s))
+        self._record_moe(plan, recs)
         if not cols["rank"]:
             return
         merged = {k: np.concatenate(v) for k, v in cols.items()}
@@ -264,6 +271,28 @@ class Emulation:
         merged.update(replica=np.full(n, r), step=np.full(n, plan.step),
                       micro_batch=np.full(n, plan.micro_batch))
         self.collectives.extend(merged)
+
+    def _record_moe(self, plan: BatchPlan, recs: list[RankRecords]) -> None:
+        """moe.parquet rows of the plan's EP layers (metrics.moe), in ``self.moe_records``."""
+        from emulator.metrics.moe import MoeRecords, RankA2A
+
+        routing = getattr(self.setup, "routing", None)
+        if routing is None:
+            return
+        a2a = OPS.index("all_to_all")
+        ranks = {}
+        for x in recs:
+            m = x.coll_op == a2a
+            if m.any():
+                ranks[x.rank] = RankA2A(x.stage, x.coll_layer[m], x.coll_bytes[m],
+                                        self._to_target(x.coll_entry_s[m]),
+                                        self._to_target(x.coll_exit_s[m]))
+        if ranks:
+            records = self.__dict__.setdefault("moe_records", MoeRecords())
+            records.add_step(replica=plan.replica, step=plan.step,
+                             micro_batch=plan.micro_batch, num_tokens=plan.num_tokens,
+                             routing=routing, ep_groups=self.setup.layout.groups("ep"),
+                             ranks=ranks)
 
     # ---- results ------------------------------------------------------------------------
     def tables(self) -> RunTables:

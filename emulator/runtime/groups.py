@@ -44,6 +44,10 @@ class RankTopology:
     """Rank of the previous pipeline stage with the same (dp, tp) index; None on stage 0."""
     next_stage_rank: int | None
     """Rank of the next pipeline stage with the same (dp, tp) index; None on the last."""
+    ep_ranks: tuple[int, ...] = ()
+    """Ranks of this rank's expert-parallel group in EP order (just this rank when ep == 1)."""
+    ep_index: int = 0
+    """This rank's position in ep_ranks: it holds expert slots ep_index * S/ep onward."""
 
 
 def world_size_of(layout: LayoutLike) -> int:
@@ -64,12 +68,16 @@ def stage_ranks(layout: LayoutLike, replica: int) -> list[list[int]]:
 def rank_topology(layout: LayoutLike, rank: int) -> RankTopology:
     dp, pp, tp = layout.rank_coords(rank)
     by_coords = coords_to_rank(layout)
+    ep_ranks = (rank,)
+    if getattr(layout, "ep", 1) > 1:
+        ep_ranks = next(tuple(g) for g in layout.groups("ep") if rank in g)
     return RankTopology(
         rank=rank, world_size=world_size_of(layout), replica=dp, stage=pp, tp_index=tp,
         num_stages=layout.pp,
         tp_ranks=tuple(by_coords[(dp, pp, t)] for t in range(layout.tp)),
         prev_stage_rank=by_coords[(dp, pp - 1, tp)] if pp > 0 else None,
-        next_stage_rank=by_coords[(dp, pp + 1, tp)] if pp + 1 < layout.pp else None)
+        next_stage_rank=by_coords[(dp, pp + 1, tp)] if pp + 1 < layout.pp else None,
+        ep_ranks=ep_ranks, ep_index=ep_ranks.index(rank))
 
 
 def axis_groups(layout: LayoutLike, axis: str) -> list[list[int]]:
@@ -202,6 +210,30 @@ class TimedCollectives:
         out = self.buffer("gather_out", num_bytes * group_size)
         self._run("all_gather", axis, layer, -1, num_bytes,
                   lambda: dist.all_gather_single(out, shard, group=self._groups[axis]))
+
+    def rows(self, purpose: str, num_rows: int, row_bytes: int) -> torch.Tensor:
+        """A ``[num_rows, row_bytes]`` uint8 view of a grow-only buffer (contiguous, as
+        all_to_all_single needs); rows of all-to-alls vary from call to call."""
+        need = num_rows * row_bytes
+        buf = self._buffers.get((purpose, -1))
+        if buf is None or buf.numel() < need:
+            buf = torch.zeros(max(need, 1), dtype=torch.uint8, device=self._device)
+            self._buffers[(purpose, -1)] = buf
+        return buf[:need].view(num_rows, row_bytes)
+
+    def all_to_all(self, axis: str, layer: int, send_rows: list[int], recv_rows: list[int],
+                   row_bytes: int, own_index: int) -> tuple[int, int]:
+        """``all_to_all_single`` with uneven splits: ``send_rows[j]`` rows of ``row_bytes``
+        go to the j-th member of the group, ``recv_rows[j]`` come from it. Recorded bytes:
+        what this rank sends to the *other* members (its own chunk does not cross the
+        wire). Returns (rows in the input tensor, rows in the output tensor)."""
+        inp = self.rows("a2a_in", sum(send_rows), row_bytes)
+        out = self.rows("a2a_out", sum(recv_rows), row_bytes)
+        sent = (sum(send_rows) - send_rows[own_index]) * row_bytes
+        self._run("all_to_all", axis, layer, -1, sent,
+                  lambda: dist.all_to_all_single(out, inp, list(recv_rows), list(send_rows),
+                                                 group=self._groups[axis]))
+        return int(inp.shape[0]), int(out.shape[0])
 
     def send(self, dst: int, num_bytes: int) -> None:
         buf = self.buffer("act", num_bytes)

@@ -13,6 +13,11 @@ One step on one rank (``run_step``), with ``d = dilation``:
   stage 0:   sleep pre_compute_s*d; all-reduce embed_allreduce_bytes over TP (if tp > 1)
   per layer: sleep attn_compute_s*d; [first layer: write this step's KV rows];
              all-reduce tp_allreduce_bytes; sleep mlp_compute_s*d; all-reduce again
+  EP layer:  (work.ep_layers) the MLP part becomes: route the step's tokens (core.routing,
+             the same seeded gating everywhere); sleep (mlp - expert)*d for router and
+             shared experts; all_to_all dispatch with the routing's uneven splits; sleep
+             this rank's own expert time for the pairs it received; all_to_all combine
+             (splits transposed). Imbalance thus becomes real waiting in the combine.
   last:      sleep post_compute_s*d; all-gather logits_gather_bytes per rank over TP
   otherwise: send pp_send_bytes of activations to the next stage
 KV rows are written once per step, after the first layer's attention (one index_fill over
@@ -25,6 +30,7 @@ from __future__ import annotations
 import os
 import socket
 import time
+from collections import deque
 from dataclasses import dataclass
 
 import numpy as np
@@ -32,6 +38,7 @@ import ray
 import torch
 import torch.distributed as dist
 
+from emulator.core.routing import route
 from emulator.core.work import StageWork
 from emulator.runtime.delay import CudaStreamDelay, precise_sleep
 from emulator.runtime.groups import TimedCollectives, init_process_groups, rank_topology
@@ -40,6 +47,27 @@ from emulator.runtime.records import COMPUTE_KINDS, NO_LAYER, CollectiveState, S
 
 DTYPE = torch.bfloat16
 DTYPE_BYTES = 2
+EP_LOG_STEPS = 4096
+"""All-to-all split records a rank keeps (EP layers x steps) for ep_splits()."""
+
+
+@dataclass(slots=True)
+class EpSplit:
+    """One EP layer of one step on one rank: the split sizes it really passed to
+    all_to_all_single, in rows (one row = one (token, expert) pair)."""
+
+    step_key: object
+    layer: int
+    dispatch_send: list[int]
+    """Rows sent to each EP group member in the dispatch (input_split_sizes)."""
+    dispatch_recv: list[int]
+    """Rows received from each member in the dispatch (output_split_sizes)."""
+    dispatch_rows: tuple[int, int]
+    """(input tensor rows, output tensor rows) of the dispatch."""
+    combine_rows: tuple[int, int]
+    """(input tensor rows, output tensor rows) of the combine."""
+    expert_pairs: int
+    """(token, expert) pairs this rank's experts computed; the expert delay scales with it."""
 
 
 @dataclass(slots=True)
@@ -89,6 +117,7 @@ class Worker:
         self._kv_written = np.zeros(0, dtype=bool)
         self._num_kv_rows_in_use = 0
         self._num_steps = 0
+        self._ep_log: deque[EpSplit] = deque(maxlen=EP_LOG_STEPS)
 
     def _now(self) -> float:
         return time.monotonic_ns() * 1e-9 + self._clock_offset_s
@@ -197,6 +226,30 @@ class Worker:
         if topo.next_stage_rank is not None and work.pp_send_bytes <= 0:
             raise ValueError(f"rank {self.rank} (stage {topo.stage}) has pp_send_bytes=0 "
                              "but a next stage")
+        if work.num_ep_layers and (work.routing is None
+                                   or work.routing.ep != len(topo.ep_ranks)):
+            raise ValueError(f"rank {self.rank}: StageWork has EP layers but its routing "
+                             f"does not match the EP group of {len(topo.ep_ranks)} ranks")
+
+    def _expert_layer(self, step_key: object, work: StageWork, i: int, layer: int,
+                      num_tokens: int, dilation: float) -> None:
+        """The MLP part of an EP layer (module docstring): dispatch, own experts, combine."""
+        mlp = COMPUTE_KINDS.index("mlp")
+        spec, me = work.routing, self.topology.ep_index
+        routing = route(spec, replica=work.routing_replica, step=work.routing_step,
+                        layer=layer, num_tokens=num_tokens)
+        send = routing.dispatch[me].tolist()
+        recv = routing.dispatch[:, me].tolist()
+        expert_s = float(work.expert_compute_s[i])
+        self._compute(mlp, layer, (float(work.mlp_compute_s[i]) - expert_s) * dilation)
+        d_rows = self._coll.all_to_all("ep", layer, send, recv, work.dispatch_bytes_per_row, me)
+        spr = spec.slots_per_rank
+        pairs = sum(recv)
+        active = int((routing.slot_tokens[me * spr:(me + 1) * spr] > 0).sum())
+        own_s = max(pairs * work.expert_s_per_pair, active * work.expert_s_per_weight)
+        self._compute(mlp, layer, own_s * dilation)
+        c_rows = self._coll.all_to_all("ep", layer, recv, send, work.combine_bytes_per_row, me)
+        self._ep_log.append(EpSplit(step_key, layer, send, recv, d_rows, c_rows, pairs))
 
     def run_step(self, step_key: object, work: StageWork, slot_ids: np.ndarray | None,
                  dilation: float, num_tokens: int, num_sampled: int,
@@ -221,7 +274,10 @@ class Worker:
                     self._write_kv(slot_ids)
                 if work.tp_allreduce_bytes:
                     coll.all_reduce("tp", work.tp_allreduce_bytes, layer)
-                self._compute(mlp, layer, float(work.mlp_compute_s[i]) * dilation)
+                if work.ep_layers is not None and work.ep_layers[i]:
+                    self._expert_layer(step_key, work, i, layer, num_tokens, dilation)
+                else:
+                    self._compute(mlp, layer, float(work.mlp_compute_s[i]) * dilation)
                 if work.tp_allreduce_bytes:
                     coll.all_reduce("tp", work.tp_allreduce_bytes, layer)
             if topo.next_stage_rank is None:
@@ -311,6 +367,12 @@ class Worker:
     @ray.method(concurrency_group="control")
     def collective_state(self) -> CollectiveState:
         return self._coll.state()
+
+    @ray.method(concurrency_group="control")
+    def ep_splits(self) -> list[EpSplit]:
+        """The all-to-all splits of the last EP layers run (oldest first, at most
+        EP_LOG_STEPS), for checking them against the routing."""
+        return list(self._ep_log)
 
     @ray.method(concurrency_group="control")
     def skip_next_collective(self) -> None:
