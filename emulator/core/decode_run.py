@@ -14,6 +14,7 @@ running order, blocks are popped from the front of the free queue.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -24,7 +25,20 @@ if TYPE_CHECKING:
 
 def _demand_table(j0: np.ndarray, bs: int) -> np.ndarray:
     """int64 [bs + 1]: C[m] = number of requests whose first new block comes at step < m."""
-    return np.concatenate([[0], np.cumsum(np.bincount(j0, minlength=bs))])
+    table = np.zeros(bs + 1, np.int64)
+    np.cumsum(np.bincount(j0, minlength=bs), out=table[1:])
+    return table
+
+
+@dataclass(slots=True)
+class RunCache:
+    """What :func:`horizon` derived, reused by :func:`blocks_used` and :func:`advance` while
+    the scheduler's state is unchanged (``version`` equals ``Scheduler._version``)."""
+
+    version: int
+    horizon: int
+    j0: np.ndarray  # int64 [R]: first run step at which each running request needs a block
+    table: np.ndarray  # int64 [bs + 1]: _demand_table(j0)
 
 
 def _steady_state(s: Scheduler) -> tuple[np.ndarray, np.ndarray] | None:
@@ -37,7 +51,8 @@ def _steady_state(s: Scheduler) -> tuple[np.ndarray, np.ndarray] | None:
     run = s._running
     c = r.num_computed_tokens[run]
     out = r.num_output_tokens[run]
-    if (out < 1).any() or (c != r.prompt_tokens[run] + out - 1).any():
+    # A plain decode has sampled (out >= 1) and holds every known token but the last.
+    if out.min() < 1 or not np.array_equal(c, r.prompt_tokens[run] + out - 1):
         return None
     return run, c
 
@@ -65,7 +80,14 @@ def _head_admissible(s: Scheduler, free_blocks: int) -> bool:
 
 def horizon(s: Scheduler, max_steps: int) -> int:
     """See :meth:`Scheduler.steady_decode_horizon`."""
-    if max_steps <= 0:
+    s._run_cache = None
+    if max_steps <= 0 or s.num_micro_batches != 1 or s._plans or s._running.size == 0:
+        return 0
+    free = s.kv.pool.num_free
+    # Cheap exit first (every arrival ends here once): the first step needs at most one
+    # block per running request, so a head admissible with that many fewer blocks is
+    # admissible after it.
+    if s._waiting and _head_admissible(s, free - int(s._running.size)):
         return 0
     state = _steady_state(s)
     if state is None:
@@ -74,23 +96,37 @@ def horizon(s: Scheduler, max_steps: int) -> int:
     r = s.requests
     bs = s.config.block_size
     k = min(int(max_steps), int((r.output_tokens[run] - r.num_output_tokens[run]).min()))
-    table = _demand_table((-c) % bs, bs)
-    free = s.kv.pool.num_free
+    j0 = (-c) % bs
+    table = _demand_table(j0, bs)
     q, left = divmod(free, run.size)
     rem = int(np.searchsorted(table, left, side="right")) - 1
     k = min(k, q * bs + rem)
-    if k <= 0 or _head_admissible(s, free - int(table[1])):
+    if k <= 0 or (s._waiting and _head_admissible(s, free - int(table[1]))):
         return 0
+    s._run_cache = RunCache(s._version, k, j0, table)
     return k
+
+
+def _cache(s: Scheduler) -> RunCache:
+    """The horizon's cache for the current state (computing it if the state changed)."""
+    cache = s._run_cache
+    if cache is None or cache.version != s._version:
+        horizon(s, 1)  # fills the cache when the state is steady at all
+        cache = s._run_cache
+        if cache is None:
+            bs = s.config.block_size
+            j0 = (-s.requests.num_computed_tokens[s._running]) % bs
+            cache = RunCache(s._version, 0, j0, _demand_table(j0, bs))
+    return cache
 
 
 def blocks_used(s: Scheduler, k: int) -> np.ndarray:
     """See :meth:`Scheduler.decode_run_kv_blocks_used`."""
     bs = s.config.block_size
-    run = s._running
-    table = _demand_table((-s.requests.num_computed_tokens[run]) % bs, bs)
+    table = _cache(s).table
     t = np.arange(1, k + 1)
-    return s.kv.num_used_blocks + run.size * (t // bs) + table[t % bs]
+    q, m = np.divmod(t, bs)
+    return s.kv.num_used_blocks + s._running.size * q + table[m]
 
 
 def advance(s: Scheduler, k: int, step_end_s: np.ndarray) -> np.ndarray:
@@ -100,24 +136,28 @@ def advance(s: Scheduler, k: int, step_end_s: np.ndarray) -> np.ndarray:
         raise ValueError(f"step_end_s must have shape ({k},), got {step_end_s.shape}")
     if k <= 0:
         return np.empty(0, np.int64)
-    h = horizon(s, k)
-    if h < k:
-        raise ValueError(f"advance_decode_run(k={k}) exceeds steady_decode_horizon={h}")
+    cache = s._run_cache
+    if cache is None or cache.version != s._version or cache.horizon < k:
+        h = horizon(s, k)
+        if h < k:
+            raise ValueError(f"advance_decode_run(k={k}) exceeds steady_decode_horizon={h}")
+        cache = s._run_cache
     r, kv = s.requests, s.kv
     bs = s.config.block_size
     run = s._running
-    j0 = (-r.num_computed_tokens[run]) % bs
+    j0 = cache.j0
     counts = np.where(j0 < k, (k - 1 - j0) // bs + 1, 0)
     # Pairs (step, running position) needing a block, sorted by step then position: step t
     # serves group t % bs, whose members (in running order) sit contiguously in `grouped`.
     grouped = np.argsort(j0, kind="stable")
-    cnt = np.bincount(j0, minlength=bs)
-    gstart = np.cumsum(cnt) - cnt
+    cnt = np.diff(cache.table)
+    gstart = cache.table[:-1]
     steps = np.arange(k)
-    sizes = cnt[steps % bs]
-    total = int(sizes.sum())
+    g = steps % bs
+    sizes = cnt[g]
+    total = int(cache.table[bs]) * (k // bs) + int(cache.table[k % bs])
     first = np.cumsum(sizes) - sizes
-    pair_pos = grouped[np.repeat(gstart[steps % bs] - first, sizes) + np.arange(total)]
+    pair_pos = grouped[np.repeat(gstart[g] - first, sizes) + np.arange(total)]
     pair_index = (np.repeat(steps, sizes) - j0[pair_pos]) // bs
     blocks = kv.pool.allocate(total)
     kv.append_blocks(run, counts, pair_pos, pair_index, blocks)
@@ -125,6 +165,8 @@ def advance(s: Scheduler, k: int, step_end_s: np.ndarray) -> np.ndarray:
     r.num_computed_tokens[run] += k
     r.num_output_tokens[run] += k
     s.num_steps += k
+    s._version += 1
+    s._run_cache = None
     done = run[r.num_output_tokens[run] >= r.output_tokens[run]]
     if done.size:
         s._finish(done, float(step_end_s[-1]))

@@ -59,6 +59,8 @@ class Router:
 
     def route_to(self, idx: int, schedulers: Sequence[Scheduler]) -> int:
         """:meth:`route` reading the state of one scheduler per replica."""
+        if self.num_replicas == 1:  # every policy picks replica 0 (the cursor stays 0)
+            return 0
         if self.policy == "round_robin":
             return self.route(idx)
         return self.route(idx, num_outstanding=[s.num_outstanding for s in schedulers],

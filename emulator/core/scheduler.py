@@ -94,6 +94,10 @@ class Scheduler:
         """Plans formed so far (the next plan's ``step``)."""
         self.num_preemptions_total = 0
         self.num_rejected = 0
+        # Bumped by every state change: the steady-decode horizon's cache is valid while
+        # it is unchanged (decode_run.RunCache).
+        self._version = 0
+        self._run_cache: decode_run.RunCache | None = None
 
     # ---- state ---------------------------------------------------------------------------
     @property
@@ -147,6 +151,7 @@ class Scheduler:
         """Queue an arrived request; False if it can never be served here (then its status is
         REJECTED and ``requests.rejections[idx]`` says why)."""
         r, cfg = self.requests, self.config
+        self._version += 1
         if r.status[idx] != Status.PENDING:
             raise ValueError(f"request {idx} ({r.request_id[idx]}) was already added")
         r.replica[idx] = self.replica
@@ -178,6 +183,7 @@ class Scheduler:
             raise ValueError(f"micro_batch={micro_batch} outside 0..{self.num_micro_batches - 1}")
         if micro_batch in self._plans:
             raise ValueError(f"micro-batch slot {micro_batch} already has a plan in flight")
+        self._version += 1
         num_preempted = 0
         while True:
             reqs, num_new, ctx, preempted = self._schedule_once()
@@ -308,6 +314,7 @@ class Scheduler:
         if self._plans.get(plan.micro_batch) is not plan:
             raise ValueError(f"plan step {plan.step} is not in flight in slot {plan.micro_batch}")
         del self._plans[plan.micro_batch]
+        self._version += 1
         r = self.requests
         idx = plan.request_index
         self._in_flight[idx] = False

@@ -110,3 +110,21 @@ def test_horizon_limits_and_bulk_block_order() -> None:
     assert s.steady_decode_horizon(7) == 7
     with pytest.raises(ValueError, match="exceeds steady_decode_horizon"):
         s.advance_decode_run(100, np.zeros(100))
+
+
+def test_horizon_cache_is_dropped_when_the_state_changes() -> None:
+    # The horizon is cached for blocks_used/advance; an arrival that could be admitted next
+    # step must invalidate it, so advancing by the old horizon is refused.
+    t = RequestTable.from_columns(["a", "b", "c"], [0.0] * 3, [15, 16, 20], [80, 80, 40])
+    s = Scheduler(SchedulerConfig(block_size=16), 64, t)
+    s.add_request(0, 0.0)
+    s.add_request(1, 0.0)
+    s.on_plan_done(s.schedule(0.0), 1.0)
+    k = s.steady_decode_horizon(30)
+    assert k == 30
+    assert s.decode_run_kv_blocks_used(3).tolist() == [3, 4, 4]
+    s.add_request(2, 1.0)  # the head fits: no run may start before it is admitted
+    assert s.decode_run_kv_blocks_used(1).tolist() == [3]  # still right after the change
+    with pytest.raises(ValueError, match="exceeds steady_decode_horizon=0"):
+        s.advance_decode_run(k, np.arange(k, dtype=np.float64))
+    assert s.steady_decode_horizon(30) == 0
