@@ -41,7 +41,9 @@ __all__ = ["OutputError", "Run", "RunWriter", "read_run", "write_table_atomic",
            "atomic_path", "write_json_atomic", "write_text_atomic"]
 
 FILES = {"requests": "requests.parquet", "steps": "steps.parquet",
-         "collectives": "collectives.parquet"}
+         "collectives": "collectives.parquet", "moe": "moe.parquet"}
+OPTIONAL = ("collectives", "moe")
+"""Tables written only when they have rows (moe: per-MoE-layer EP metrics, metrics.moe)."""
 SUMMARY_FILE = "summary.json"
 
 
@@ -80,6 +82,8 @@ class Run:
     collectives: pa.Table | None
     """None when the run recorded no collectives (no ``collectives.parquet``)."""
     summary: dict[str, Any]
+    moe: pa.Table | None = None
+    """Per-MoE-layer EP metrics; None without ``moe.parquet`` (no EP all-to-alls)."""
 
 
 class RunWriter:
@@ -103,7 +107,7 @@ class RunWriter:
 
     def write(self, *, requests: TableLike, steps: TableLike,
               collectives: TableLike | None = None,
-              summary: Mapping[str, Any]) -> dict[str, Any]:
+              summary: Mapping[str, Any], moe: TableLike | None = None) -> dict[str, Any]:
         """Write the tables, ``timeline.json``, then ``summary.json``; return the summary
         as written (with a ``timeline`` entry). A stale ``collectives.parquet`` from an
         earlier run in the same directory is removed when this run has none."""
@@ -112,6 +116,10 @@ class RunWriter:
             table = _as_table(collectives, "collectives")
             if table.num_rows:
                 tables["collectives"] = table
+        if moe is not None:
+            table = _as_table(moe, "moe")
+            if table.num_rows:
+                tables["moe"] = table
         self._check_dir()
         try:
             self.outdir.mkdir(parents=True, exist_ok=True)
@@ -148,17 +156,19 @@ class RunWriter:
     def finish(self, *, requests: TableLike, steps: TableLike,
                collectives: TableLike | None = None, mode: str, config: Any,
                nodes: Mapping[str, Any] | None = None,
-               extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
+               extra: Mapping[str, Any] | None = None,
+               moe: TableLike | None = None) -> dict[str, Any]:
         """Write a complete run (summary ``complete: true``); return the summary."""
         return self._write_run(complete=True, requests=requests, steps=steps,
                                collectives=collectives, mode=mode, config=config, nodes=nodes,
-                               extra=extra)
+                               extra=extra, moe=moe)
 
     def flush_partial(self, *, requests: TableLike, steps: TableLike,
                       collectives: TableLike | None = None, mode: str, config: Any,
                       nodes: Mapping[str, Any] | None = None,
                       extra: Mapping[str, Any] | None = None,
-                      error: BaseException | str | None = None) -> dict[str, Any]:
+                      error: BaseException | str | None = None,
+                      moe: TableLike | None = None) -> dict[str, Any]:
         """Write what was recorded so far with ``complete: false`` (and ``extra.error``),
         from an ``except`` block before re-raising. If the metrics cannot be computed from
         the partial tables, the summary has ``metrics: null`` and ``extra.metrics_error``
@@ -169,12 +179,13 @@ class RunWriter:
                               if isinstance(error, BaseException) else str(error))
         return self._write_run(complete=False, requests=requests, steps=steps,
                                collectives=collectives, mode=mode, config=config, nodes=nodes,
-                               extra=extra)
+                               extra=extra, moe=moe)
 
     def _write_run(self, *, complete: bool, requests: TableLike, steps: TableLike,
                    collectives: TableLike | None, mode: str, config: Any,
                    nodes: Mapping[str, Any] | None,
-                   extra: Mapping[str, Any] | None) -> dict[str, Any]:
+                   extra: Mapping[str, Any] | None,
+                   moe: TableLike | None = None) -> dict[str, Any]:
         req = _as_table(requests, "requests")
         stp = _as_table(steps, "steps")
         col = _as_table(collectives, "collectives") if collectives is not None else None
@@ -190,7 +201,7 @@ class RunWriter:
             extra["metrics_error"] = f"{type(exc).__name__}: {exc}"
         summary = build_summary(complete=complete, mode=mode, config=config, metrics=metrics,
                                 nodes=nodes, extra=extra)
-        return self.write(requests=req, steps=stp, collectives=col, summary=summary)
+        return self.write(requests=req, steps=stp, collectives=col, summary=summary, moe=moe)
 
 
 def _read_table(path: Path, name: str) -> pa.Table:
@@ -221,11 +232,11 @@ def read_run(outdir: str | Path) -> Run:
     tables: dict[str, pa.Table | None] = {}
     for name, filename in FILES.items():
         path = outdir / filename
-        if name == "collectives" and not path.exists():
+        if name in OPTIONAL and not path.exists():
             tables[name] = None
             continue
         if not path.is_file():
             raise OutputError(f"{outdir} is incomplete: {filename} is missing")
         tables[name] = _read_table(path, name)
     return Run(outdir=outdir, requests=tables["requests"], steps=tables["steps"],
-               collectives=tables["collectives"], summary=summary)
+               collectives=tables["collectives"], summary=summary, moe=tables["moe"])
