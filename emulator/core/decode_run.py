@@ -146,19 +146,28 @@ def advance(s: Scheduler, k: int, step_end_s: np.ndarray) -> np.ndarray:
     bs = s.config.block_size
     run = s._running
     j0 = cache.j0
-    counts = np.where(j0 < k, (k - 1 - j0) // bs + 1, 0)
-    # Pairs (step, running position) needing a block, sorted by step then position: step t
-    # serves group t % bs, whose members (in running order) sit contiguously in `grouped`.
-    grouped = np.argsort(j0, kind="stable")
-    cnt = np.diff(cache.table)
-    gstart = cache.table[:-1]
-    steps = np.arange(k)
-    g = steps % bs
-    sizes = cnt[g]
     total = int(cache.table[bs]) * (k // bs) + int(cache.table[k % bs])
-    first = np.cumsum(sizes) - sizes
-    pair_pos = grouped[np.repeat(gstart[g] - first, sizes) + np.arange(total)]
-    pair_index = (np.repeat(steps, sizes) - j0[pair_pos]) // bs
+    if k <= bs:
+        # Short run (the common case between arrivals): at most one block per request, at
+        # its step j0; pairs sorted by step, then running position (stable sort).
+        counts = (j0 < k).astype(np.int64)
+        pos = np.flatnonzero(counts)
+        pair_pos = pos[np.argsort(j0[pos], kind="stable")]
+        pair_index = np.zeros(total, np.int64)
+    else:
+        counts = np.where(j0 < k, (k - 1 - j0) // bs + 1, 0)
+        # Pairs (step, running position) needing a block, sorted by step then position:
+        # step t serves group t % bs, whose members (in running order) sit contiguously in
+        # `grouped`.
+        grouped = np.argsort(j0, kind="stable")
+        cnt = np.diff(cache.table)
+        gstart = cache.table[:-1]
+        steps = np.arange(k)
+        g = steps % bs
+        sizes = cnt[g]
+        first = np.cumsum(sizes) - sizes
+        pair_pos = grouped[np.repeat(gstart[g] - first, sizes) + np.arange(total)]
+        pair_index = (np.repeat(steps, sizes) - j0[pair_pos]) // bs
     blocks = kv.pool.allocate(total)
     kv.append_blocks(run, counts, pair_pos, pair_index, blocks)
     kv.add_slot_tokens(run, k)

@@ -144,11 +144,14 @@ class CostModelExecutor:
         over = np.empty(pp)
         num_rows = 0
         for p, st in enumerate(work.stages):
-            num_layers = st.layer_ids.size
-            num_delays = 2 * num_layers + (p == 0) + (p == pp - 1)
-            num_group = (2 * num_layers * bool(st.tp_allreduce_bytes)
-                         + bool(st.embed_allreduce_bytes) + bool(st.logits_gather_bytes))
-            over[p] = h.step_fixed_s + num_delays * h.per_delay_s + num_group * h.sync_wait_s
+            delays = np.concatenate([st.attn_compute_s, st.mlp_compute_s,
+                                     [st.pre_compute_s] if p == 0 else [],
+                                     [st.post_compute_s] if p == pp - 1 else []])
+            over[p] = h.step_fixed_s + float(h.delay_excess(delays).sum())
+            num_group = 0
+            if tp > 1:  # every delay is followed by a TP collective (worker.run_step)
+                over[p] += float(h.collective_excess(delays).sum())
+                num_group = delays.size
             num_rows += tp * (num_group + (p > 0) + (p < pp - 1))
         return h.step_gap_s + num_rows * h.step_gap_s_per_collective, over
 
@@ -204,7 +207,10 @@ class Simulation:
         self.now_s = 0.0
         self._heap: list[tuple] = []
         self._seq = 0
-        self._order = np.argsort(requests.arrival_s, kind="stable")
+        order = np.argsort(requests.arrival_s, kind="stable")
+        # Python lists: the loop reads one element per event, cheaper than numpy scalars.
+        self._order = order.tolist()
+        self._arrival_s = requests.arrival_s[order].tolist() + [math.inf]
         self._next_arrival = 0
 
     # ---- event plumbing -------------------------------------------------------------------
@@ -219,21 +225,19 @@ class Simulation:
             self._push(time_s, _TRY, r)
 
     def _next_arrival_s(self) -> float:
-        if self._next_arrival < self._order.size:
-            return float(self.requests.arrival_s[self._order[self._next_arrival]])
-        return math.inf
+        return self._arrival_s[self._next_arrival]
 
     # ---- main loop ------------------------------------------------------------------------
     def run(self, on_progress: Callable[[int], None] | None = None) -> None:
         """Run until every request has finished (or was rejected); ``on_progress(n)`` is
         called with the number of requests each completion finished."""
         while True:
-            t_arr = self._next_arrival_s()
+            t_arr = self._arrival_s[self._next_arrival]
             t_evt = self._heap[0][0] if self._heap else math.inf
             if t_arr == math.inf and t_evt == math.inf:
                 break
             if t_arr <= t_evt:  # an arrival at a step boundary joins the next step
-                idx = int(self._order[self._next_arrival])
+                idx = self._order[self._next_arrival]
                 self._next_arrival += 1
                 self.now_s = t_arr
                 self._arrive(idx, t_arr)
