@@ -14,6 +14,7 @@ unfinished ranks after every layout that finished them all.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from collections.abc import Callable
@@ -170,9 +171,13 @@ def run_sweep(base: RunConfig, num_gpus: int, outdir: str | Path, *, mode: Mode 
         rows = _run_parallel(jobs, workers, on_done)
     else:
         rows = []
-        for cfg, run_dir in jobs:
-            rows.append(run_one(cfg, mode, run_dir))
-            on_done(rows[-1])
+        with contextlib.ExitStack() as stack:
+            if mode == "emulate":  # one Ray for all layouts (emulate() reuses it)
+                from emulator.runtime.ray_setup import start_ray
+                stack.enter_context(start_ray(base.address))
+            for cfg, run_dir in jobs:
+                rows.append(run_one(cfg, mode, run_dir))
+                on_done(rows[-1])
     result = SweepResult(rows=rank_rows(rows, rank_by), skipped=skipped, rank_by=rank_by,
                          mode=mode, base=base, num_gpus=num_gpus,
                          notes={"kv_peak_threshold": KV_PEAK, "min_loss": MIN_LOSS})

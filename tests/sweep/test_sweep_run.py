@@ -91,3 +91,16 @@ def test_parallel_ray_tasks_match_the_in_process_loop(trace, tmp_path, ray_local
     keep = ("rank", "layout", *METRICS, "comm_share", "bubble_fraction", "bottleneck")
     assert [{k: r[k] for k in keep} for r in par.rows] == \
         [{k: r[k] for k in keep} for r in seq.rows]
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(240)
+def test_emulate_mode_runs_each_layout_on_workers(trace, tmp_path, ray_local):
+    base = build_config(trace=trace, model="tiny", hardware="h100", max_num_batched_tokens=256,
+                        max_requests=4, max_output_tokens=4, timeout_s=10.0)
+    result = run_sweep(base, 2, tmp_path, mode="emulate", layouts=["tp2", "dp2"])
+    assert sorted(r["layout"] for r in result.rows) == ["dp2", "tp2"]
+    by_name = {r["layout"]: r for r in result.rows}
+    assert read_run(by_name["tp2"]["run_dir"]).collectives is not None
+    assert read_run(by_name["dp2"]["run_dir"]).summary["mode"] == "emulate"
+    assert all(r["num_finished"] == 4 for r in result.rows)
