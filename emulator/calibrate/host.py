@@ -2,34 +2,38 @@
 measured the way the emulator measures its steps, fitted into a :class:`HostOverhead`.
 
 A probe step is one stage of ``L`` layers on a TP group of all ranks: the worker's normal
-step program (``Worker.run_step``) with every compute delay ``delay_s`` (host seconds,
-dilation 1) and small all-reduces, so everything but the delays and the transfers is
-overhead. Two layer counts separate the per-step from the per-delay terms:
+step program (``Worker.run_step``: delay, all-reduce, delay, all-reduce, ...) with every
+compute delay ``d`` host seconds (dilation 1) and all-reduces of ``num_bytes``. For each
+delay length ``d`` on a grid:
 
-- per rank, ``excess = (end - start) - sum(collective exit - entry) - sum(nominal delays)``;
-  a least-squares line of excess against the number of delays gives ``step_fixed_s``
-  (intercept) and ``per_delay_s`` (slope): sleep overshoot, Python and recording;
-- ``sync_wait_s``: over every group collective, the mean over ranks of
-  ``max(entry) - own entry`` (how much later than the mean rank the last one arrives; the
-  step waits for the last one);
-- the gap between steps: the driver submits, waits for every rank's records, turns them
-  into collective rows as the emulation loop does, and submits the next step; ``start of
-  step k+1 - end of step k`` (max over ranks) against the number of collective rows gives
-  ``step_gap_s`` and ``step_gap_s_per_collective``.
+- ``delay_excess(d)``: per rank, the time from leaving collective k-1 to entering
+  collective k, minus ``d`` (sleep overshoot, Python, recording), averaged;
+- ``collective_excess(d)``: the critical path of a segment, ``max exit_k - max exit_{k-1}``
+  over ranks, minus ``d``, ``delay_excess(d)`` and the benchmark line of collective k;
+- ``wake(d)``: ``max exit_k - max entry_k`` (the transfer once the last rank has entered)
+  minus the line: how much slower than back to back a collective after an idle delay is.
+
+Then at ``d = 1 ms`` with two layer counts: ``step_fixed_s`` (per rank, the time before
+the first collective less its delay plus the time after the last collective) and the gap between steps — the driver submits, waits for every rank's records, turns them
+into collective rows as the emulation loop does, and submits the next step; ``start of step
+k+1 - end of step k`` against the number of collective rows gives ``step_gap_s`` and
+``step_gap_s_per_collective``.
 """
 
 from __future__ import annotations
+
+import tempfile
+from pathlib import Path
 
 import numpy as np
 
 from emulator.core.work import StageWork, StepWork
 from emulator.cost.comm import HostOverhead
-from emulator.metrics.records import CollectiveRecords
-from emulator.runtime.records import AXES, OPS
 
-PROBE_LAYERS = (2, 16)
-PROBE_DELAY_S = 1e-3
-PROBE_BYTES = 4096
+DELAY_GRID_S = (0.0, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2)
+GRID_LAYERS = 8
+GAP_LAYERS = (4, 32)
+PROBE_BYTES = 64 * 1024
 
 
 def probe_work(num_layers: int, delay_s: float, num_bytes: int) -> StepWork:
@@ -42,61 +46,89 @@ def probe_work(num_layers: int, delay_s: float, num_bytes: int) -> StepWork:
     return StepWork(stages=[stage], num_tokens=1, num_sampled_tokens=1)
 
 
-def _as_rows(recs) -> None:
-    """The emulation loop's per-step record keeping (executor._record_collectives), so the
-    probe's driver does comparable work between steps."""
-    out = CollectiveRecords()
-    for x in recs:
-        c = x.num_collectives
-        out.extend({"rank": np.full(c, x.rank), "stage": np.zeros(c, np.int64),
-                    "layer": x.coll_layer, "axis": np.array(AXES, dtype=object)[x.coll_axis],
-                    "op": np.array(OPS, dtype=object)[x.coll_op],
-                    "group": np.full(c, "tp", dtype=object), "seq": np.arange(c),
-                    "bytes": x.coll_bytes, "entry_s": x.coll_entry_s, "exit_s": x.coll_exit_s,
-                    "replica": np.zeros(c, np.int64), "step": np.zeros(c, np.int64)})
+def _segments(recs, delay_s: float, line_s: np.ndarray):
+    """(per-rank segment excess [ranks, C-1], critical-path excess [C-1], transfer - line
+    [C]) of one probe step; TP ranks run the same program, so position k is one instance."""
+    entry = np.stack([x.coll_entry_s for x in recs])  # [ranks, C]
+    exit_ = np.stack([x.coll_exit_s for x in recs])
+    seg = entry[:, 1:] - exit_[:, :-1] - delay_s
+    crit = np.diff(exit_.max(axis=0)) - delay_s - line_s[1:]
+    transfer = exit_.max(axis=0) - entry.max(axis=0) - line_s
+    return seg, crit, transfer
 
 
-def step_overheads(recs, delay_s: float) -> tuple[list[float], list[float], list[float]]:
-    """(per-rank excess, per-rank number of delays, per-instance mean sync wait) of one
-    probe step's records (TP ranks run the same program, so position k is one instance)."""
-    excess, num_delays = [], []
-    for x in recs:
-        coll = float((x.coll_exit_s - x.coll_entry_s).sum())
-        k = x.comp_kind.size
-        excess.append((x.end_s - x.start_s) - coll - k * delay_s)
-        num_delays.append(float(k))
-    entries = np.stack([x.coll_entry_s for x in recs])  # [ranks, C]
-    sync = (entries.max(axis=0) - entries).mean(axis=0)
-    return excess, num_delays, sync.tolist()
-
-
-def measure_host_overhead(group, *, num_steps: int = 12, delay_s: float = PROBE_DELAY_S,
-                          layers: tuple[int, ...] = PROBE_LAYERS,
+def measure_host_overhead(group, line_s, *, num_steps: int = 8,
+                          grid_s: tuple[float, ...] = DELAY_GRID_S,
                           num_bytes: int = PROBE_BYTES) -> HostOverhead:
-    """Run probe steps on ``group`` (a WorkerGroup whose layout is tp = world) and fit."""
-    excess, delays, sync, gaps, rows = [], [], [], [], []
-    for num_layers in layers:
-        work = probe_work(num_layers, delay_s, num_bytes)
-        prev_end = None
-        for i in range(num_steps + 1):  # the first step warms up
-            recs = group.run_replica_step(0, work, None, 1.0, step_key=("probe", num_layers, i))
-            _as_rows(recs)
-            start = max(x.start_s for x in recs)
-            if prev_end is not None:
-                gaps.append(start - prev_end)
-                rows.append(float(sum(x.num_collectives for x in recs)))
-            prev_end = max(x.end_s for x in recs)
+    """Run probe steps on ``group`` (a WorkerGroup with layout tp = world) and fit.
+    ``line_s(op, num_bytes)``: the benchmark line's time of one op (host seconds; all_gather
+    bytes = gathered output), so excesses are measured against what the simulator prices."""
+    n = group.world_size
+    # The probe program: embed all-reduce, 2 per layer, logits all-gather (output n x bytes).
+    lines = np.array([line_s("all_reduce", num_bytes)] * (2 * GRID_LAYERS + 1)
+                     + [line_s("all_gather", num_bytes * n)])
+    # Round-robin over the grid, one step at a time, so a burst of load from elsewhere on
+    # the host spreads over all delay lengths instead of skewing one; per grid point, the
+    # median over steps of each step's mean (robust to a burst, unlike a pooled mean).
+    work = {d: probe_work(GRID_LAYERS, d, num_bytes) for d in grid_s}
+    parts: dict[float, list] = {d: [] for d in grid_s}
+    fixed = []
+    for i in range(num_steps + 1):
+        for d in grid_s:
+            recs = group.run_replica_step(0, work[d], None, 1.0, step_key=("probe", d, i))
             if i == 0:
-                continue
-            e, d, s = step_overheads(recs, delay_s)
-            excess += e
-            delays += d
-            sync += s
-    fixed, per_delay = _line(np.array(delays), np.array(excess))
-    gap0, gap_per = _line(np.array(rows), np.array(gaps))
-    return HostOverhead(num_ranks=group.world_size, step_gap_s=gap0,
-                        step_gap_s_per_collective=gap_per, step_fixed_s=fixed,
-                        per_delay_s=per_delay, sync_wait_s=max(0.0, float(np.mean(sync))))
+                continue  # warm-up
+            parts[d].append(_segments(recs, d, lines))
+            # Outside the segments: from the step's start to entering the first collective
+            # (less the embedding delay), and from leaving the last one to the step's end.
+            fixed += [(x.coll_entry_s[0] - x.start_s - d) + (x.end_s - x.coll_exit_s[-1])
+                      for x in recs]
+    delay_excess, coll_excess, wake = [], [], []
+    for d in grid_s:
+        seg = np.array([p[0].mean() for p in parts[d]])
+        crit = np.array([p[1].mean() for p in parts[d]])
+        de = float(np.median(seg))
+        delay_excess.append(max(0.0, de))
+        coll_excess.append(max(0.0, float(np.median(crit - seg))))
+        wake.append(max(0.0, float(np.median([np.median(p[2]) for p in parts[d]]))))
+    gap0, gap_per = measure_step_gap(group)
+    return HostOverhead(num_ranks=n, step_gap_s=gap0, step_gap_s_per_collective=gap_per,
+                        step_fixed_s=max(0.0, float(np.median(fixed))),
+                        delay_grid_s=list(grid_s), delay_excess_s=delay_excess,
+                        collective_excess_s=coll_excess, wake_s=wake)
+
+
+def measure_step_gap(group, layers: tuple[int, ...] = GAP_LAYERS) -> tuple[float, float]:
+    """(step_gap_s, step_gap_s_per_collective): the real emulation loop (executor.Emulation:
+    scheduling, KV frees, record keeping) on a small offline batch of the 'tiny' model with
+    ``layers`` decoder layers, at dilation 1 (delays of microseconds); the gap between
+    consecutive steps against the collective records each step ships back."""
+    from emulator.build import build_run
+    from emulator.config import build_config
+    from emulator.cost import CostModel
+    from emulator.runtime.executor import Emulation
+    from emulator.trace.io import write_trace
+    from emulator.trace.synth import synth_trace
+
+    gaps, rows = [], []
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "probe.arrow"
+        write_trace(synth_trace(num_requests=4, lengths="fixed", arrival="batch",
+                                prompt_tokens=16, output_tokens=16, seed=0), path)
+        for num_layers in layers:
+            cfg = build_config(trace=path, model="tiny", tp=group.world_size, dilation=1.0,
+                               memory_scale=1e-3, timeout_s=group.timeout_s)
+            setup = build_run(cfg, record_slots=True)
+            setup.model = setup.model.model_copy(update={"num_layers": num_layers})
+            setup.cost = CostModel(setup.model, setup.hardware, setup.layout)
+            emu = Emulation(setup, group)
+            emu.allocate()
+            emu.run()
+            steps = emu.tables().steps
+            start, end = steps["start_s"].to_numpy(), steps["end_s"].to_numpy()
+            gaps += (start[1:] - end[:-1]).tolist()
+            rows += [group.world_size * (2 * num_layers + 2)] * (len(start) - 1)
+    return _line(np.array(rows, dtype=np.float64), np.array(gaps))
 
 
 def _line(x: np.ndarray, y: np.ndarray) -> tuple[float, float]:

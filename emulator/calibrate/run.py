@@ -14,9 +14,10 @@ from emulator.cost.profile_io import save_profile
 from emulator.errors import ConfigError
 
 
-def probe_host(world: int, *, address: str | None = None,
+def probe_host(world: int, profile: CommProfile, *, address: str | None = None,
                timeout_s: float = 60.0) -> HostOverhead:
-    """Start ``world`` workers (TP over all of them) and measure the host overheads."""
+    """Start ``world`` workers (TP over all of them) and measure the host overheads against
+    ``profile``'s lines."""
     from emulator.calibrate.host import measure_host_overhead
     from emulator.runtime.cluster import WorkerGroup
     from emulator.runtime.ray_setup import start_ray
@@ -24,7 +25,8 @@ def probe_host(world: int, *, address: str | None = None,
 
     with start_ray(address):
         with WorkerGroup(ParallelLayout(tp=world), backend="gloo", timeout_s=timeout_s) as g:
-            return measure_host_overhead(g)
+            return measure_host_overhead(
+                g, lambda op, b: profile.time_s(op, world, "intra", b))
 
 
 def calibrate(raw: pa.Table, *, name: str, host_probe: bool = True,
@@ -37,15 +39,20 @@ def calibrate(raw: pa.Table, *, name: str, host_probe: bool = True,
         raise ConfigError(f"benchmark table lacks columns {missing}; pass the Parquet "
                           "written by `emulator bench collectives`")
     med = summarize(raw)
-    host = None
-    if host_probe:
-        worlds = [n for n, o in zip(med["group_size"].to_pylist(), med["op"].to_pylist())
-                  if o != "send_recv"] or [2]
-        host = probe_host(int(np.min(worlds)), address=address)
     profile, points = fit_profile(name, med["op"].to_numpy(zero_copy_only=False),
                                   med["group_size"].to_numpy(),
                                   med["placement"].to_numpy(zero_copy_only=False),
-                                  med["bytes"].to_numpy(), med["time_s"].to_numpy(), host=host)
+                                  med["bytes"].to_numpy(), med["time_s"].to_numpy())
+    if host_probe:
+        have = {e.op for e in profile.entries}
+        if not {"all_reduce", "all_gather"} <= have:
+            raise ConfigError("the host probe prices its steps with the all_reduce and "
+                              "all_gather lines: include both in --ops, or pass "
+                              "--no-host-probe")
+        worlds = [n for n, o in zip(med["group_size"].to_pylist(), med["op"].to_pylist())
+                  if o != "send_recv"] or [2]
+        host = probe_host(int(np.min(worlds)), profile, address=address)
+        profile = profile.model_copy(update={"host": host})
     if output is not None:
         save_profile(profile, output)
     return profile, points

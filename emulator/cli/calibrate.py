@@ -132,13 +132,19 @@ def calibrate(output, from_bench, no_host_probe, name, **kw):
 @config_options(COMMON_FIELDS + EMULATION_FIELDS)
 @click.option("-o", "--output", "outdir", type=click.Path(path_type=Path), required=True,
               help="Output directory: emulate/, simulate/, validation.json, validation.png.")
-def validate(config_file, outdir, **values):
+@click.option("--reuse-emulation", is_flag=True,
+              help="Keep OUTDIR/emulate (do not re-run it); re-simulate and re-report, with "
+              "--comm-profile if given (e.g. after re-calibrating).")
+def validate(config_file, outdir, reuse_emulation, **values):
     """Emulate and simulate (host profile, same dilation) one trace; report the errors."""
     from emulator.config import build_config
+    from emulator.validate.run import revalidate
     from emulator.validate.run import validate as run
 
-    cfg = build_config(config_file, **values)
-    report = run(cfg, outdir)
+    if reuse_emulation:
+        report = revalidate(outdir, values.get("comm_profile"))
+    else:
+        report = run(build_config(config_file, **values), outdir)
     console = Console(width=120)
     table = Table(title=f"validation: {outdir}")
     table.add_column("metric")

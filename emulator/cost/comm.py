@@ -92,13 +92,21 @@ class CommEntry(BaseModel):
 
 
 class HostOverhead(BaseModel):
-    """Per-step costs of the emulator's host that are neither compute delays nor collective
-    transfers (host seconds; measured by ``emulator calibrate`` with near-empty steps).
+    """Costs of the emulator's host beyond compute delays and collective transfers (host
+    seconds; measured by ``emulator calibrate``'s probe steps, see calibrate/host.py).
 
-    A stage of one step on the host lasts ``sum(delays) + sum(transfers) + step_fixed_s +
-    num_delays * per_delay_s + num_group_collectives * sync_wait_s``, and the next step
-    starts ``step_gap_s + step_gap_s_per_collective * num_collective_rows`` after the driver
-    learns the previous one ended."""
+    On a shared host a compute delay overshoots, and a collective that follows a delay is
+    slower than back to back (the microbenchmark's line): its ranks' communication threads
+    were idle and must be scheduled again, and the group waits for the last rank (straggler
+    sync-wait). Both depend on the delay's length, so they are tabulated on a grid of delay
+    lengths and interpolated. One stage of one step lasts::
+
+        sum(delays) + sum(lines) + step_fixed_s
+          + sum over delays of delay_excess(delay)
+          + sum over group collectives of collective_excess(delay before it)
+
+    and the next step starts ``step_gap_s + step_gap_s_per_collective * rows`` after the
+    driver learns the previous one ended (rows: collective records shipped back)."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -111,18 +119,47 @@ class HostOverhead(BaseModel):
         "back (serialization and record keeping on the driver).")
     step_fixed_s: float = Field(
         ge=0.0, description="Time inside one rank's step outside delays and collectives.")
-    per_delay_s: float = Field(
-        ge=0.0, description="Mean excess of one compute delay over its nominal length "
-        "(sleep overshoot, Python and recording between collectives).")
-    sync_wait_s: float = Field(
-        ge=0.0, description="Mean straggler wait per group collective: the mean over ranks of "
-        "max(entry) - own entry, i.e. how much later than the mean rank the last one enters.")
+    delay_grid_s: list[float] = Field(
+        min_length=1, description="Compute-delay lengths probed, ascending.")
+    delay_excess_s: list[float] = Field(
+        description="Per grid point: mean excess of one compute delay over its nominal "
+        "length (sleep overshoot, Python and recording between collectives).")
+    collective_excess_s: list[float] = Field(
+        description="Per grid point: extra critical-path time of a group collective after "
+        "such a delay, beyond the benchmark line (wake-up of idle ranks + straggler wait).")
+    wake_s: list[float] = Field(
+        description="Per grid point: the part of collective_excess_s inside the transfer "
+        "(max exit - max entry) itself; the rest is straggler sync-wait.")
+
+    @model_validator(mode="after")
+    def _grid(self) -> HostOverhead:
+        n = len(self.delay_grid_s)
+        if any(len(v) != n for v in (self.delay_excess_s, self.collective_excess_s,
+                                     self.wake_s)):
+            raise ValueError("delay_excess_s, collective_excess_s and wake_s need one value "
+                             "per delay_grid_s point")
+        if any(b <= a for a, b in zip(self.delay_grid_s, self.delay_grid_s[1:])):
+            raise ValueError("delay_grid_s must be strictly ascending")
+        return self
+
+    def delay_excess(self, delay_s: np.ndarray) -> np.ndarray:
+        """Excess of compute delays of these lengths (linear between grid points, flat
+        outside)."""
+        return np.interp(delay_s, self.delay_grid_s, self.delay_excess_s)
+
+    def collective_excess(self, delay_s: np.ndarray) -> np.ndarray:
+        return np.interp(delay_s, self.delay_grid_s, self.collective_excess_s)
+
+    def wake(self, delay_s: np.ndarray) -> np.ndarray:
+        return np.interp(delay_s, self.delay_grid_s, self.wake_s)
 
     def scaled(self, factor: float) -> HostOverhead:
-        """Every time multiplied by ``factor`` (e.g. 1 / dilation for target units)."""
-        return self.model_copy(update={k: getattr(self, k) * factor for k in (
-            "step_gap_s", "step_gap_s_per_collective", "step_fixed_s", "per_delay_s",
-            "sync_wait_s")})
+        """Every time (the grid too) multiplied by ``factor`` (1 / dilation: target units)."""
+        update = {k: getattr(self, k) * factor for k in (
+            "step_gap_s", "step_gap_s_per_collective", "step_fixed_s")}
+        update.update({k: [v * factor for v in getattr(self, k)] for k in (
+            "delay_grid_s", "delay_excess_s", "collective_excess_s", "wake_s")})
+        return self.model_copy(update=update)
 
 
 class CommProfile(BaseModel):

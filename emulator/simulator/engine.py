@@ -125,7 +125,8 @@ class CostModelExecutor:
     delay and, per group collective, the straggler wait (the step waits for the last rank).
 
     PP bubbles: a stage starts at ``max(activations arrived, stage free, plan submitted)``,
-    so stages idle when too few micro-batches are in flight, as on the workers.
+    so stages idle when too few micro-batches are in flight, as on the workers; with
+    ``host``, a receiving stage that idled pays the wake-up cost of that idle time.
     """
 
     def __init__(self, cost: CostModel, requests: RequestTable, host=None,
@@ -171,9 +172,12 @@ class CostModelExecutor:
         stage_end = np.empty(pp)
         ready = start_s
         for s in range(pp):
-            begin = max(ready, submitted)
-            if stage_free_s is not None:
-                begin = max(begin, stage_free_s[s])
+            free = submitted if stage_free_s is None else max(submitted, stage_free_s[s])
+            if s > 0 and self.host is not None:
+                # The receiving rank idled in its recv from `free` until the activations
+                # came; waking it costs what waking a collective after that idle time costs.
+                ready += float(self.host.wake(max(0.0, ready - free)))
+            begin = max(ready, free)
             stage_start[s] = begin
             stage_end[s] = begin + compute[s] + comm[s] + over[s]
             ready = stage_end[s] + p2p

@@ -14,6 +14,8 @@ Comparable runs need the same plans: use an offline batch trace (see join.py).
 from __future__ import annotations
 
 from pathlib import Path
+
+import numpy as np
 from typing import Any
 
 from emulator.atomic import write_json_atomic
@@ -69,7 +71,8 @@ def build_report(config: RunConfig, profile: CommProfile, emu: RunTables, sim: R
     report.update(request_errors(emu.requests, sim.requests))
     scaled = profile.scaled(1.0 / config.dilation)
     if emu.collectives is not None and emu.collectives.num_rows:
-        coll = collective_errors(collective_instances(emu.collectives, node_of_rank), scaled)
+        inst = collective_instances(emu.collectives, node_of_rank)
+        coll = collective_errors(inst, scaled, mean_delay_s(config, sim.steps, inst))
     else:
         coll = {"collective_median_error_small": None, "collective_median_error_large": None,
                 "by_op": []}
@@ -82,6 +85,22 @@ def build_report(config: RunConfig, profile: CommProfile, emu: RunTables, sim: R
     report["profile"] = profile.name
     report["verdict"] = verdict(report)
     return report, joined
+
+
+def mean_delay_s(config: RunConfig, steps, inst: dict) -> np.ndarray:
+    """Per collective instance, the mean nominal compute delay of its (replica, step, stage)
+    in the simulation (target seconds): the idle time before a collective, which decides
+    its wake-up cost (HostOverhead.wake). 0 for pipeline transfers."""
+    setup = build_run(config)
+    layers = [last - first for first, last in setup.layout.stage_layers(setup.model)]
+    pp = len(layers)
+    col = {k: steps[k].to_numpy() for k in ("replica", "step", "stage", "compute_s")}
+    num_delays = np.array([2 * layers[s] + (s == 0) + (s == pp - 1) for s in col["stage"]])
+    per = dict(zip(zip(col["replica"].tolist(), col["step"].tolist(), col["stage"].tolist()),
+                   (col["compute_s"] / num_delays).tolist()))
+    keys = zip(inst["replica"].tolist(), inst["step"].tolist(), inst["stage"].tolist())
+    delay = np.array([per.get(k, 0.0) for k in keys])
+    return np.where(inst["op"] == "send_recv", 0.0, delay)
 
 
 def verdict(report: dict[str, Any]) -> str:
@@ -103,15 +122,28 @@ def verdict(report: dict[str, Any]) -> str:
             f"{report['step_time_mape'] * 100:.1f}% vs noise floor {noise}")
 
 
+def revalidate(outdir: Path, comm_profile: Path | None = None) -> dict[str, Any]:
+    """Redo the simulation and the report of an existing validation directory (its
+    emulate/ run is read back, not re-run), optionally with another host profile."""
+    from emulator.metrics.io import read_run
+
+    outdir = Path(outdir)
+    run = read_run(outdir / "emulate")
+    config = RunConfig.model_validate(run.summary["config"])
+    if comm_profile is not None:
+        config = config.model_copy(update={"comm_profile": Path(comm_profile)})
+    emu = RunTables(requests=run.requests, steps=run.steps, collectives=run.collectives)
+    return report_runs(config, host_profile(config), outdir, emu, run.summary.get("nodes"))
+
+
 def validate(config: RunConfig, outdir: Path, *, on_progress=None) -> dict[str, Any]:
     """Emulate and simulate ``config``, write both runs under ``outdir`` (emulate/,
     simulate/), ``validation.json`` and ``validation.png``; return the report."""
     from emulator.runtime.executor import emulate
-    from emulator.validate.plot import plot_validation
 
     profile = host_profile(config)
     outdir = Path(outdir)
-    emu_writer, sim_writer = RunWriter(outdir / "emulate"), RunWriter(outdir / "simulate")
+    emu_writer = RunWriter(outdir / "emulate")
     setup = build_run(config, record_slots=True)
 
     def flush(tables, exc):
@@ -122,11 +154,21 @@ def validate(config: RunConfig, outdir: Path, *, on_progress=None) -> dict[str, 
     emu = emulate(setup, on_progress=on_progress, on_partial=flush)
     nodes = emu.extra.pop("nodes", None)
     emu_writer.finish(requests=emu.requests, steps=emu.steps, collectives=emu.collectives,
-                      mode="emulate", config=config, nodes={"rank_node_ip": nodes},
-                      extra=emu.extra)
+                      mode="emulate", config=config, nodes=nodes, extra=emu.extra)
+    return report_runs(config, profile, outdir, emu, nodes)
+
+
+def report_runs(config: RunConfig, profile: CommProfile, outdir: Path, emu: RunTables,
+                nodes: dict | list | None) -> dict[str, Any]:
+    """Simulate, write simulate/, join with ``emu`` and write the report and the plot."""
+    from emulator.validate.plot import plot_validation
+
     sim = simulate_host(config, profile)
-    sim_writer.finish(requests=sim.requests, steps=sim.steps, mode="simulate", config=config,
-                      extra={**sim.extra, "comm_profile_scale": 1.0 / config.dilation})
+    RunWriter(outdir / "simulate").finish(
+        requests=sim.requests, steps=sim.steps, mode="simulate", config=config,
+        extra={**sim.extra, "comm_profile_scale": 1.0 / config.dilation})
+    while isinstance(nodes, dict):  # WorkerGroup.nodes_summary()
+        nodes = nodes.get("rank_node_id") or nodes.get("rank_node_ip")
     report, joined = build_report(config, profile, emu, sim, nodes)
     write_json_atomic(outdir / "validation.json", report)
     plot_validation(joined, report, outdir / "validation.png")

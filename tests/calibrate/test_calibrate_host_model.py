@@ -1,0 +1,120 @@
+"""The host-overhead model: the profile section, scaling to target units, the probe's
+segment arithmetic, and the simulator's executor pricing a plan with it."""
+
+import json
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from emulator.build import build_run
+from emulator.calibrate.host import _segments
+from emulator.config import build_config
+from emulator.cost import CostModel
+from emulator.cost.comm import CommEntry, CommProfile, HostOverhead
+from emulator.cost.profile_io import load_profile, save_profile
+from emulator.simulator.engine import CostModelExecutor, Simulation
+from emulator.trace.io import write_trace
+from emulator.trace.synth import synth_trace
+
+HOST = HostOverhead(num_ranks=2, step_gap_s=1e-3, step_gap_s_per_collective=1e-6,
+                    step_fixed_s=2e-4, delay_grid_s=[0.0, 1e-3], delay_excess_s=[1e-5, 5e-5],
+                    collective_excess_s=[1e-4, 3e-4], wake_s=[0.0, 2e-4])
+
+
+def _profile(host=HOST) -> CommProfile:
+    return CommProfile(name="h", host=host, entries=[
+        CommEntry(op=op, group_size=2, placement="intra", alpha_s=1e-4, beta_s_per_byte=1e-9)
+        for op in ("all_reduce", "all_gather", "all_to_all", "send_recv")])
+
+
+def test_interpolation_and_scaling():
+    assert HOST.delay_excess(np.array([0.0, 5e-4, 2e-3])) == pytest.approx([1e-5, 3e-5, 5e-5])
+    assert HOST.collective_excess(5e-4) == pytest.approx(2e-4)
+    scaled = _profile().scaled(0.1)
+    h = scaled.host
+    assert (h.step_gap_s, h.step_fixed_s) == pytest.approx((1e-4, 2e-5))
+    assert h.delay_grid_s == pytest.approx([0.0, 1e-4])
+    # Scaling the grid with the values keeps the curve's shape in target units.
+    assert h.collective_excess(5e-5) == pytest.approx(2e-5)
+    assert scaled.time_s("all_reduce", 2, "intra", 1e6) == pytest.approx(0.1 * (1e-4 + 1e-3))
+    with pytest.raises(ValueError, match="one value per delay_grid_s"):
+        HostOverhead(num_ranks=2, step_gap_s=0, step_fixed_s=0, delay_grid_s=[0.0, 1.0],
+                     delay_excess_s=[0.0], collective_excess_s=[0, 0], wake_s=[0, 0])
+    with pytest.raises(ValueError, match="ascending"):
+        HostOverhead(num_ranks=2, step_gap_s=0, step_fixed_s=0, delay_grid_s=[1.0, 0.0],
+                     delay_excess_s=[0, 0], collective_excess_s=[0, 0], wake_s=[0, 0])
+
+
+def test_profile_with_host_round_trips_and_old_files_load(tmp_path):
+    path = tmp_path / "host.json"
+    save_profile(_profile(), path)
+    assert load_profile(path) == _profile()
+    raw = json.loads(path.read_text())
+    del raw["host"]  # a profile written before the section existed
+    path.write_text(json.dumps(raw))
+    assert load_profile(path).host is None
+
+
+def test_probe_segments_exact():
+    # Two ranks, three collectives each; delay 1 ms; line 100 us per collective.
+    rec = lambda entry, exit_: SimpleNamespace(coll_entry_s=np.array(entry),  # noqa: E731
+                                              coll_exit_s=np.array(exit_))
+    r0 = rec([0.0010, 0.0023, 0.0036], [0.0012, 0.0025, 0.0038])
+    r1 = rec([0.0011, 0.0024, 0.0037], [0.0012, 0.0025, 0.0038])
+    seg, crit, transfer = _segments([r0, r1], 1e-3, np.full(3, 1e-4))
+    # rank 0 leaves at 1.2 ms, enters at 2.3 ms: 0.1 ms over the delay; rank 1: 0.2 ms
+    assert seg == pytest.approx(np.array([[1e-4, 1e-4], [2e-4, 2e-4]]))
+    assert crit == pytest.approx([2e-4, 2e-4])  # 1.3 ms between exits - 1 ms - 0.1 ms
+    assert transfer == pytest.approx([0.0, 0.0, 0.0])  # exits 0.1 ms after the last entry
+
+
+@pytest.fixture(scope="module")
+def batch_trace(tmp_path_factory):
+    path = tmp_path_factory.mktemp("host") / "b.arrow"
+    write_trace(synth_trace(num_requests=4, lengths="fixed", arrival="batch",
+                            prompt_tokens=32, output_tokens=3, seed=0), path)
+    return path
+
+
+def _sim(trace, host, **kw):
+    setup = build_run(build_config(trace=trace, model="tiny", hardware="h100", **kw))
+    prof = _profile(host)
+    setup.cost = CostModel(setup.model, setup.hardware, setup.layout, prof)
+    req = setup.new_requests()
+    sim = Simulation(req, setup.new_schedulers(req), setup.new_router(), setup.cost,
+                     fast_forward=False)
+    sim.executor = CostModelExecutor(setup.cost, req, host=host, clock=lambda: sim.now_s)
+    sim.run()
+    return sim.steps.to_table(), setup
+
+
+def test_executor_adds_host_overheads_exactly(batch_trace):
+    base, setup = _sim(batch_trace, None, tp=2)
+    with_host, _ = _sim(batch_trace, HOST, tp=2)
+    dur = lambda t: t["end_s"].to_numpy() - t["start_s"].to_numpy()  # noqa: E731
+    # Per step: fixed + per delay (excess + collective excess): tp=2, every delay precedes
+    # a TP collective. The tiny model's delays are far below 1 ms: interpolate each.
+    assert (dur(with_host) > dur(base)).all()
+    first = base.slice(0, 1).to_pylist()[0]
+    assert first["num_prefill_tokens"] == 128
+    starts = with_host["start_s"].to_numpy()
+    ends = with_host["end_s"].to_numpy()
+    # Every step after the first starts one round trip after the previous ended:
+    # gap + rows * per-collective, rows = tp x (2 L + 2) collectives of the tiny model.
+    rows = 2 * (2 * setup.model.num_layers + 2)
+    assert starts[1:] - ends[:-1] == pytest.approx(np.full(len(starts) - 1, 1e-3 + rows * 1e-6))
+    assert starts[0] == pytest.approx(1e-3 + rows * 1e-6)
+
+
+def test_host_terms_of_one_stage():
+    from emulator.calibrate.host import probe_work
+
+    ex = CostModelExecutor(SimpleNamespace(tp=2), None, host=HOST)
+    gap, over = ex._host_terms(probe_work(2, 5e-4, 4096), 1)
+    # 6 delays of 0.5 ms: excess 30 us each, collective excess 200 us each; 12 rows.
+    assert over == pytest.approx([2e-4 + 6 * (3e-5 + 2e-4)])
+    assert gap == pytest.approx(1e-3 + 12 * 1e-6)
+    ex1 = CostModelExecutor(SimpleNamespace(tp=1), None, host=HOST)
+    _, over1 = ex1._host_terms(probe_work(2, 5e-4, 0), 1)
+    assert over1 == pytest.approx([2e-4 + 6 * 3e-5])  # tp = 1: no collectives to wait in

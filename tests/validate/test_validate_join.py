@@ -1,0 +1,115 @@
+"""The validation join (steps matched one to one, loud failure otherwise) and the report's
+exact arithmetic: errors of medians, noise floor, collective instances, verdict."""
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from emulator.cost.comm import CommEntry, CommProfile
+from emulator.metrics.records import CollectiveRecords, StepRecords
+from emulator.validate.join import ValidationJoinError, join_steps
+from emulator.validate.report import (batch_bucket, collective_errors, collective_instances,
+                                      noise_floor, step_errors)
+from emulator.validate.run import verdict
+
+
+def _steps(rows) -> pa.Table:
+    """rows: (step, stage, num_requests, prefill, decode, start, end)."""
+    rec = StepRecords()
+    for step, stage, n, pf, dc, start, end in rows:
+        rec.append(0, step, stage, start, end, n, pf, dc, 0.0, 0.0, 0, 10)
+    return rec.to_table()
+
+
+MEASURED = [(0, 0, 4, 100, 0, 0.0, 0.010), (1, 0, 4, 0, 4, 0.011, 0.013),
+            (2, 0, 4, 0, 4, 0.014, 0.016), (3, 0, 4, 0, 4, 0.017, 0.020)]
+PREDICTED = [(0, 0, 4, 100, 0, 0.0, 0.009), (1, 0, 4, 0, 4, 0.010, 0.012),
+             (2, 0, 4, 0, 4, 0.013, 0.015), (3, 0, 4, 0, 4, 0.016, 0.018)]
+
+
+def test_join_matches_steps_one_to_one():
+    # Row order does not matter: the join sorts by (replica, step, stage).
+    j = join_steps(_steps(MEASURED[::-1]), _steps(PREDICTED))
+    assert j["step"].tolist() == [0, 1, 2, 3]
+    assert j["measured_s"] == pytest.approx([0.010, 0.002, 0.002, 0.003])
+    assert j["predicted_s"] == pytest.approx([0.009, 0.002, 0.002, 0.002])
+
+
+def test_join_fails_loudly_on_diverged_plans():
+    other = list(PREDICTED)
+    other[2] = (2, 0, 3, 0, 3, 0.013, 0.015)
+    with pytest.raises(ValidationJoinError, match=r"\(0, 2, 0\): num_requests is 4 emulated "
+                                                  r"but 3 simulated \(1 of 4 rows differ\)"):
+        join_steps(_steps(MEASURED), _steps(other))
+    with pytest.raises(ValidationJoinError, match=r"different steps \(4 emulated, 3 simulated"
+                                                  r" rows; emulated only: \[\(0, 3, 0\)\]"):
+        join_steps(_steps(MEASURED), _steps(PREDICTED[:3]))
+    with pytest.raises(ValidationJoinError, match="twice"):
+        join_steps(_steps(MEASURED + MEASURED[:1]), _steps(PREDICTED))
+
+
+def test_step_errors_and_noise_floor_exact():
+    j = join_steps(_steps(MEASURED), _steps(PREDICTED))
+    e = step_errors(j)
+    # medians over all rows: measured 2.5 ms, predicted 2.0 ms
+    assert e["step_time_median_error"] == pytest.approx(-0.2)
+    assert e["step_time_mape"] == pytest.approx((0.1 + 0 + 0 + 1 / 3) / 4)
+    assert e["step_time_bias"] == pytest.approx((-0.1 - 1 / 3) / 4)
+    groups = {(g["kind"], g["batch"]): g for g in e["by_kind"]}
+    assert groups[("decode", "4-7")]["median_error"] == pytest.approx(0.0)
+    assert groups[("prefill", "4-7")]["median_error"] == pytest.approx(-0.1)
+    # Three identical decode shapes: 2, 2, 3 ms around their median 2 ms.
+    nf = noise_floor(j)
+    assert nf == {"noise_floor_mape": pytest.approx(0.5 / 3), "noise_floor_num_steps": 3}
+    assert batch_bucket(np.array([1, 2, 3, 4, 9])).tolist() == ["1", "2-3", "2-3", "4-7", "8-15"]
+
+
+def _collectives() -> pa.Table:
+    rec = CollectiveRecords()
+    # One TP all-reduce of 128 KiB on ranks 0 and 1 (rank 1 enters 30 us late, both leave at
+    # 130 us), one all-gather shard of 1 KiB, and a pipeline send/recv pair.
+    rows = [  # rank, op, group, seq, bytes, entry, exit
+        (0, "all_reduce", "tp", 0, 131072, 0.0, 130e-6), (1, "all_reduce", "tp", 0, 131072, 30e-6, 130e-6),
+        (0, "all_gather", "tp", 1, 1024, 200e-6, 260e-6), (1, "all_gather", "tp", 1, 1024, 200e-6, 250e-6),
+        (0, "send", "pp", 0, 4096, 300e-6, 310e-6), (1, "recv", "pp", 0, 4096, 0.0, 350e-6)]
+    cols = {k: [] for k in ("rank", "op", "group", "seq", "bytes", "entry_s", "exit_s")}
+    for row in rows:
+        for k, v in zip(cols, row):
+            cols[k].append(v)
+    n = len(rows)
+    rec.extend({**{k: np.array(v, dtype=object if k in ("op", "group") else None)
+                   for k, v in cols.items()},
+                "replica": np.zeros(n, np.int64), "step": np.zeros(n, np.int64),
+                "stage": np.zeros(n, np.int64), "layer": np.full(n, -1),
+                "axis": np.array(["tp"] * 4 + ["pp"] * 2, dtype=object)})
+    return rec.finalize()
+
+
+def test_collective_instances_and_errors():
+    inst = collective_instances(_collectives(), ["a", "a"])
+    order = np.argsort(inst["op"])
+    got = {k: v[order].tolist() for k, v in inst.items()}
+    assert got["op"] == ["all_gather", "all_reduce", "send_recv"]
+    assert got["bytes"] == [2048.0, 131072.0, 4096.0]  # all_gather: gathered output
+    assert got["time_s"] == pytest.approx([60e-6, 100e-6, 50e-6])  # max exit - max entry
+    assert got["sync_wait_s"] == pytest.approx([0.0, 15e-6, 150e-6])
+    assert got["placement"] == ["intra"] * 3
+    prof = CommProfile(name="h", entries=[
+        CommEntry(op=o, group_size=2, placement="intra", alpha_s=a, beta_s_per_byte=0.0)
+        for o, a in (("all_reduce", 110e-6), ("all_gather", 60e-6), ("send_recv", 40e-6))])
+    e = collective_errors(inst, prof)
+    by = {(r["op"], r["bucket"]): r["median_error"] for r in e["by_op"]}
+    assert by == {("all_gather", "small"): pytest.approx(0.0),
+                  ("all_reduce", "large"): pytest.approx(0.1),
+                  ("send_recv", "small"): pytest.approx(-0.2)}
+    assert e["collective_median_error_large"] == pytest.approx(0.1)
+    assert e["collective_median_error_small"] == pytest.approx(-0.2)  # largest magnitude
+
+
+def test_verdict_line():
+    report = {"step_time_median_error": -0.05, "drain_time_error": 0.12,
+              "collective_median_error_large": None, "step_time_mape": 0.2,
+              "noise_floor_mape": 0.18}
+    assert verdict(report) == ("FAIL (drain time |12.0%| > 10%): step time median -5.0%, "
+                               "drain time +12.0%, collective median large n/a; per-step MAPE "
+                               "20.0% vs noise floor 18.0%")
