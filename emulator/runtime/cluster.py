@@ -2,16 +2,24 @@
 run a DP replica's step with one Ray round trip, and turn failures into RunError.
 
 Failure handling: every collective has the process-group timeout ``timeout_s``, so a rank
-waiting for a peer that never comes raises within it. The driver then asks every rank of
+waiting for a peer that never comes raises within it. The driver fails a step as soon as
+one of its ranks reports an error (it does not wait for the others), asks every rank of
 the replica for its collective state (records.CollectiveState) and names the rank(s) that
 did not enter the first collective on which the ranks diverged (diagnose.py), instead of
-hanging. A dead actor is reported with its rank and node.
+hanging. A dead actor is reported with its rank and node. A step whose ranks neither
+finish nor fail is declared hung at its deadline (PendingStep.deadline_s).
+
+Hosts and clocks: ranks whose nodes share one IP share one host; when all ranks do, gloo
+uses the loopback interface and a 127.0.0.1 rendezvous. Worker records are stamped on the
+driver's clock: a node on the driver's host shares its CLOCK_MONOTONIC (offset exactly 0);
+every other host's offset is estimated once at start-up by ping-pong with its first rank
+(measure_clock_offset) and applied by its workers. ``nodes_summary()`` reports both.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import ray
@@ -21,7 +29,7 @@ from emulator.core.work import StepWork
 from emulator.errors import RunError
 from emulator.runtime.diagnose import describe_stuck
 from emulator.runtime.groups import stage_ranks, world_size_of
-from emulator.runtime.ray_setup import LOCAL_HOST, LayoutLike, Placement, placement
+from emulator.runtime.ray_setup import LOCAL_HOST, LayoutLike, Placement, alive_nodes, placement
 from emulator.runtime.records import CollectiveState, StepRecords
 from emulator.runtime.worker import AllocationReport, Worker
 
@@ -42,6 +50,21 @@ class PendingStep:
     refs: list[ray.ObjectRef]
     deadline_s: float
     """Driver monotonic time after which the step is declared hung."""
+    results: list = field(default_factory=list)
+    """Per ref: the rank's StepRecords once fetched, else None (see WorkerGroup.poll)."""
+
+    def __post_init__(self) -> None:
+        if not self.results:
+            self.results = [None] * len(self.refs)
+
+    @property
+    def waiting(self) -> list[ray.ObjectRef]:
+        """Refs of ranks that have not reported yet."""
+        return [ref for ref, res in zip(self.refs, self.results) if res is None]
+
+    @property
+    def done(self) -> bool:
+        return all(res is not None for res in self.results)
 
 
 class WorkerGroup:
@@ -59,7 +82,13 @@ class WorkerGroup:
         self._placement: Placement | None = None
         self.actors: list[ray.actor.ActorHandle] = []
         self.clock_offset_s: dict[str, float] = {}
+        """node id -> offset applied to its workers' records (driver = worker + offset)."""
+        self._clock_detail: dict[str, dict] = {}
+        self._node_ids: list[str] = []
+        self._node_ips: list[str] = []
         self._replica_free_s: dict[int, float] = {}
+        self._open: list[PendingStep] = []
+        """Submitted steps not yet fully collected (their errors are drained at the end)."""
         """replica -> driver time by which its in-flight steps' compute should be done."""
         try:
             self._start(use_placement_groups, cpus_per_rank, placement_timeout_s,
@@ -74,9 +103,13 @@ class WorkerGroup:
         if use_placement_groups:
             self._placement = placement(self.layout, cpus_per_rank=cpus_per_rank,
                                         gpus_per_rank=gpus, timeout_s=placement_timeout_s)
-        num_nodes = len([n for n in ray.nodes() if n.get("Alive")])
-        if socket_ifname is None and num_nodes == 1:
-            socket_ifname = "lo"  # one host: gloo must not pick an external interface
+            hosts = {self._placement.node_of_rank(r).ip for r in range(self.world_size)}
+        else:
+            hosts = {n.ip for n in alive_nodes()}
+        if socket_ifname is None and len(hosts) == 1:
+            # One host (possibly several Ray nodes on it): gloo must not pick an external
+            # interface, and loopback reaches every rank.
+            socket_ifname = "lo"
         env = {"GLOO_SOCKET_IFNAME": socket_ifname} if socket_ifname else {}
         for rank in range(self.world_size):
             options: dict = {"num_cpus": cpus_per_rank, "num_gpus": gpus}
@@ -88,7 +121,7 @@ class WorkerGroup:
                           "start the workers")
         self._node_ids = [node_id for node_id, _ in infos]
         self._node_ips = [ip for _, ip in infos]
-        master_addr = LOCAL_HOST if len(set(self._node_ids)) == 1 else self._node_ips[0]
+        master_addr = LOCAL_HOST if len(set(self._node_ips)) == 1 else self._node_ips[0]
         master_port = self._get(self.actors[0].free_port.remote(), CONTROL_TIMEOUT_S,
                                 "pick a rendezvous port")
         # All ranks at once: each blocks in the rendezvous until every rank has joined.
@@ -139,16 +172,36 @@ class WorkerGroup:
         return list(self._node_ips)
 
     def _estimate_clock_offsets(self) -> None:
-        """Per node: offset such that driver_time = worker_monotonic + offset. The driver's
-        own node shares CLOCK_MONOTONIC, so its offset is exactly 0; other nodes use
-        measure_clock_offset on their first rank."""
-        driver_node = ray.get_runtime_context().get_node_id()
+        """Offset per node such that driver_time = worker_monotonic + offset. Every node is
+        measured by ping-pong with its first rank (measure_clock_offset). Nodes on the
+        driver's host (same IP) share its CLOCK_MONOTONIC, so the offset applied is exactly
+        0 and the measurement is only recorded; the nodes of any other host share the
+        measurement with the smallest round trip among them (one kernel clock per host)."""
+        driver_ip = ray.util.get_node_ip_address()
         for node in dict.fromkeys(self._node_ids):
             ranks = [r for r, n in enumerate(self._node_ids) if n == node]
-            offset_s = 0.0 if node == driver_node else self.measure_clock_offset(ranks[0])[0]
-            self.clock_offset_s[node] = offset_s
-            self._get([self.actors[r].set_clock_offset.remote(offset_s) for r in ranks],
-                      CONTROL_TIMEOUT_S, "set clock offsets")
+            measured_s, round_trip_s = self.measure_clock_offset(ranks[0])
+            self._clock_detail[node] = {
+                "node_id": node, "node_ip": self._node_ips[ranks[0]], "ranks": ranks,
+                "offset_s": 0.0, "measured_offset_s": measured_s,
+                "round_trip_s": round_trip_s, "source": "same host as driver"}
+        for ip in dict.fromkeys(self._node_ips):
+            details = [d for d in self._clock_detail.values() if d["node_ip"] == ip]
+            best = min(details, key=lambda d: d["round_trip_s"])
+            for d in details:
+                if ip != driver_ip:
+                    d["offset_s"] = best["measured_offset_s"]
+                    d["source"] = f"ping-pong via rank {best['ranks'][0]}"
+                self.clock_offset_s[d["node_id"]] = d["offset_s"]
+                self._get([self.actors[r].set_clock_offset.remote(d["offset_s"])
+                           for r in d["ranks"]], CONTROL_TIMEOUT_S, "set clock offsets")
+
+    def nodes_summary(self) -> dict:
+        """Where every rank ran and the clock offsets applied to its records (for
+        summary.json ``nodes``)."""
+        return {"rank_node_ip": list(self._node_ips), "rank_node_id": list(self._node_ids),
+                "driver_node_ip": ray.util.get_node_ip_address(),
+                "clocks": [dict(d) for d in self._clock_detail.values()]}
 
     def measure_clock_offset(self, rank: int,
                              num_samples: int = NUM_CLOCK_SAMPLES) -> tuple[float, float]:
@@ -224,19 +277,41 @@ class WorkerGroup:
         start_s = max(time.monotonic(), self._replica_free_s.get(replica, 0.0))
         self._replica_free_s[replica] = start_s + compute_s
         deadline_s = start_s + compute_s + 2 * self.timeout_s + CONTROL_TIMEOUT_S
-        return PendingStep(replica, key, ranks, refs, deadline_s)
+        pending = PendingStep(replica, key, ranks, refs, deadline_s)
+        self._open = [p for p in self._open if not p.done] + [pending]
+        return pending
+
+    def poll(self, pending: PendingStep, ready: set) -> bool:
+        """Fetch the records of ``pending``'s ranks whose refs are in ``ready`` (refs that
+        ray.wait returned); True once every rank has reported. Raises RunError at once if
+        a rank failed or died, without waiting for the others."""
+        idx = [i for i, ref in enumerate(pending.refs)
+               if pending.results[i] is None and ref in ready]
+        if idx:
+            try:
+                values = ray.get([pending.refs[i] for i in idx], timeout=CONTROL_TIMEOUT_S)
+            except (RayActorError, RayTaskError, GetTimeoutError):
+                raise self._step_failure(pending) from None
+            for i, value in zip(idx, values):
+                pending.results[i] = value
+        return pending.done
 
     def collect(self, pending: PendingStep) -> list[StepRecords]:
         """Wait for a submitted step; records in the order of ``pending.ranks`` (stage by
-        stage, TP index within). Raises RunError on a dead rank or a hung collective."""
-        timeout_s = max(0.0, pending.deadline_s - time.monotonic())
-        ready, _ = ray.wait(pending.refs, num_returns=len(pending.refs), timeout=timeout_s)
-        if len(ready) == len(pending.refs):
-            try:
-                return ray.get(pending.refs)
-            except (RayActorError, RayTaskError):
-                pass
-        raise self._step_failure(pending)
+        stage, TP index within). Raises RunError on a dead rank or a hung collective, as
+        soon as one rank fails or at the step's deadline."""
+        while not pending.done:
+            timeout_s = pending.deadline_s - time.monotonic()
+            if timeout_s <= 0:
+                raise self._step_failure(pending)
+            ready, _ = ray.wait(pending.waiting, num_returns=1, timeout=timeout_s)
+            self.poll(pending, set(ready))
+        return list(pending.results)
+
+    def fail(self, pending: PendingStep) -> RunError:
+        """The RunError describing why ``pending`` did not finish (for a caller that gave
+        up on it, e.g. past its deadline)."""
+        return self._step_failure(pending)
 
     def run_replica_step(self, replica: int, step_work: StepWork,
                          slot_ids: np.ndarray | None, dilation: float,
@@ -245,7 +320,11 @@ class WorkerGroup:
                                                      step_key))
 
     def _step_failure(self, pending: PendingStep) -> RunError:
-        prefix = f"replica {pending.replica} step {pending.step_key[1]!r}"
+        key = pending.step_key[1]
+        step = (f"step {key[0]} (micro-batch {key[1]})"
+                if isinstance(key, tuple) and len(key) == 2 else f"step {key!r}")
+        prefix = f"replica {pending.replica} {step}"
+        _drain(pending.refs)
         dead, states = [], {}
         for rank in pending.ranks:
             try:
@@ -256,7 +335,8 @@ class WorkerGroup:
             except GetTimeoutError:
                 dead.append(self._where(rank) + " (not responding)")
         if dead:
-            return RunError(f"{prefix}: worker {', '.join(dead)} died")
+            return RunError(f"{prefix}: worker {', '.join(dead)} died (its process exited "
+                            "or its node failed)")
         stuck = describe_stuck(states, self.layout, pending.replica, pending.step_key,
                                self._where)
         return RunError(f"{prefix}: {stuck}; collective timeout {self.timeout_s:g} s")
@@ -276,6 +356,9 @@ class WorkerGroup:
         if self.actors:
             refs = [a.teardown.remote() for a in self.actors]
             ray.wait(refs, num_returns=len(refs), timeout=TEARDOWN_WAIT_S)
+            for pending in self._open:  # teardown ran after them: they have ended
+                _drain(pending.refs)
+            self._open = []
             for actor in self.actors:
                 ray.kill(actor)
             self.actors = []
@@ -288,6 +371,16 @@ class WorkerGroup:
 
     def __exit__(self, *exc_info) -> None:
         self.teardown()
+
+
+def _drain(refs: list[ray.ObjectRef]) -> None:
+    """Retrieve the errors of finished refs, so that Ray does not log each unretrieved
+    error with a traceback after the run already reported the failure in one line."""
+    for ref in ray.wait(refs, num_returns=len(refs), timeout=0)[0]:
+        try:
+            ray.get(ref, timeout=0)
+        except Exception:  # noqa: BLE001 - the failure is already being reported
+            pass
 
 
 def _first_line(exc: BaseException) -> str:
