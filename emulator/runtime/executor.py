@@ -9,7 +9,12 @@ ends when the last stage's ranks finish; the scheduler learns of it then. With P
 concurrently.
 
 Crash safety: records of finished steps stay in ``self.steps`` / ``self.collectives`` and
-``self.requests``; the caller flushes them (``tables()``) before re-raising a failure.
+``self.requests``. ``run(on_checkpoint=...)`` hands ``tables()`` to the caller every
+``checkpoint_interval_s`` (the CLI writes them with ``complete: false``), and ``emulate``
+hands them to ``on_partial`` before re-raising a failure, so an interrupted run keeps what it
+measured. A step fails as soon as one of its ranks fails (cluster.WorkerGroup.poll).
+
+Test hook: ``EMULATOR_FAULT`` arms one injected fault (see runtime/faults.py).
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from emulator.core.plan import BatchPlan
 from emulator.errors import RunError
 from emulator.metrics.records import CollectiveRecords, StepRecords
 from emulator.runtime.cluster import PendingStep, WorkerGroup
+from emulator.runtime.faults import fault_from_env, inject
 from emulator.runtime.records import AXES, OPS
 from emulator.runtime.records import StepRecords as RankRecords
 from emulator.runtime.shards import ELEMENT_BYTES, stage_weight_shapes
@@ -40,8 +46,6 @@ class _InFlight:
     plan: BatchPlan
     pending: PendingStep
     kv_blocks_used: int
-    remaining: list = field(default_factory=list)
-    """Object refs of ranks that have not reported yet."""
 
 
 @dataclass
@@ -54,6 +58,9 @@ class ControlStats:
     """Scheduling, pricing and record keeping on the driver."""
     idle_s: float = 0.0
     """Sleeping with nothing in flight, waiting for the next arrival."""
+    checkpoint_s: float = 0.0
+    """Building and handing over the tables at checkpoints (the loop waits meanwhile)."""
+    num_checkpoints: int = 0
     per_rank_compute_s: list[float] = field(default_factory=list)
 
 
@@ -98,10 +105,22 @@ class Emulation:
         return (host_s - self.t0) / self.dilation
 
     # ---- loop ---------------------------------------------------------------------------
-    def run(self, on_progress: Callable[[int], None] | None = None) -> None:
+    def run(self, on_progress: Callable[[int], None] | None = None, *,
+            on_checkpoint: Callable[[RunTables], None] | None = None,
+            checkpoint_interval_s: float = 30.0) -> None:
+        """Emulate the whole trace. ``on_checkpoint(tables())`` is called about every
+        ``checkpoint_interval_s`` host seconds while the run lasts."""
         self.t0 = time.monotonic()
         n = len(self.requests)
+        fault = fault_from_env()
+        next_checkpoint = self.t0 + checkpoint_interval_s
         while True:
+            if on_checkpoint is not None and time.monotonic() >= next_checkpoint:
+                tick = time.monotonic()
+                on_checkpoint(self.tables())
+                self.stats.checkpoint_s += time.monotonic() - tick
+                self.stats.num_checkpoints += 1
+                next_checkpoint = time.monotonic() + checkpoint_interval_s
             now_s = self._now_s()
             while self._next < n and self.requests.arrival_s[self._order[self._next]] <= now_s:
                 self._arrive(int(self._order[self._next]), now_s)
@@ -120,6 +139,8 @@ class Emulation:
                                    "nothing in flight (a scheduler bug); stopping")
                 wait_s = self.requests.arrival_s[self._order[self._next]] * self.dilation \
                     - (time.monotonic() - self.t0)
+                if on_checkpoint is not None:
+                    wait_s = min(wait_s, next_checkpoint - time.monotonic())
                 if wait_s > 0:
                     time.sleep(wait_s)
                     self.stats.idle_s += wait_s
@@ -127,6 +148,9 @@ class Emulation:
             finished = self._wait_and_complete()
             if finished and on_progress is not None:
                 on_progress(finished)
+            if fault is not None and self.stats.num_steps >= fault.step:
+                inject(fault, self.group)
+                fault = None
         self.stats.wall_s = time.monotonic() - self.t0
 
     def _arrive(self, idx: int, now_s: float) -> None:
@@ -147,8 +171,7 @@ class Emulation:
                 plan, prompt_tokens=req.prompt_tokens[idx] + req.num_output_tokens[idx])
             pending = self.group.submit_replica_step(r, work, plan.new_slot_ids, self.dilation,
                                                      step_key=(plan.step, plan.micro_batch))
-            self._inflight.append(_InFlight(plan, pending, sched.kv_blocks_used,
-                                            list(pending.refs)))
+            self._inflight.append(_InFlight(plan, pending, sched.kv_blocks_used))
 
     def _release_freed_blocks(self, r: int) -> None:
         """Tell the replica's ranks which blocks the KV manager freed since the last call.
@@ -168,8 +191,9 @@ class Emulation:
 
     def _wait_and_complete(self) -> int:
         """Block until a rank reports, the next arrival is due, or a step's deadline passes;
-        then complete every step whose ranks have all reported (or raise past a deadline)."""
-        pending = [ref for f in self._inflight for ref in f.remaining]
+        then complete every step whose ranks have all reported. Raises RunError as soon as
+        a rank of any step failed, or past a step's deadline."""
+        pending = [ref for f in self._inflight for ref in f.pending.waiting]
         now = time.monotonic()
         timeout_s = min(f.pending.deadline_s for f in self._inflight) - now
         if self._next < len(self.requests):
@@ -181,9 +205,10 @@ class Emulation:
             ready |= set(ray.wait(pending, num_returns=len(pending), timeout=0)[0])
         finished, still = 0, []
         for f in self._inflight:
-            f.remaining = [ref for ref in f.remaining if ref not in ready]
-            if not f.remaining or time.monotonic() >= f.pending.deadline_s:
-                finished += self._complete(f)  # collect() raises RunError past the deadline
+            if self.group.poll(f.pending, ready):  # raises RunError if a rank failed
+                finished += self._complete(f)
+            elif time.monotonic() >= f.pending.deadline_s:
+                raise self.group.fail(f.pending)
             else:
                 still.append(f)
         self._inflight = still
@@ -299,32 +324,67 @@ class Emulation:
         """The run's tables so far (complete after run() returns)."""
         extra = run_extra(self.setup, self.requests)
         st = self.stats
-        extra["control"] = {"wall_s": st.wall_s, "num_steps": st.num_steps,
-                            "driver_busy_s": st.schedule_s, "idle_s": st.idle_s}
+        wall_s = st.wall_s or (time.monotonic() - self.t0 if self.t0 else 0.0)
+        extra["control"] = {"wall_s": wall_s, "num_steps": st.num_steps,
+                            "driver_busy_s": st.schedule_s, "idle_s": st.idle_s,
+                            "checkpoint_s": st.checkpoint_s,
+                            "num_checkpoints": st.num_checkpoints}
         return RunTables(requests=request_table(self.requests).to_table(),
                          steps=self.steps.to_table(), collectives=self.collectives.finalize(),
                          extra=extra)
 
 
 def emulate(setup: RunSetup, *, on_progress: Callable[[int], None] | None = None,
-            on_partial: Callable[[RunTables, BaseException], None] | None = None) -> RunTables:
+            on_partial: Callable[[RunTables, BaseException], None] | None = None,
+            on_checkpoint: Callable[[RunTables], None] | None = None,
+            checkpoint_interval_s: float = 30.0, include_dashboard: bool = False) -> RunTables:
     """Run ``setup`` on Ray workers (an embedded local Ray unless config.address is set).
 
-    On failure ``on_partial(tables_so_far, error)`` is called before the error propagates,
-    so the caller can write the finished work."""
+    ``on_checkpoint(tables_so_far)`` is called every ``checkpoint_interval_s`` while the run
+    lasts; on any failure (including Ctrl-C, and failures to join Ray or place the ranks)
+    ``on_partial(tables_so_far, error)`` is called before the error propagates and before
+    the workers are torn down, so the caller can write the finished work. Every table's
+    ``extra["nodes"]`` holds ``WorkerGroup.nodes_summary()`` once the workers are up."""
     from emulator.runtime.ray_setup import start_ray
 
     cfg = setup.config
-    with start_ray(cfg.address):
-        with WorkerGroup(setup.layout, backend=cfg.backend, timeout_s=cfg.timeout_s) as group:
-            emu = Emulation(setup, group)
-            try:
-                emu.allocate()
-                emu.run(on_progress)
-            except BaseException as exc:
-                if on_partial is not None:
-                    on_partial(emu.tables(), exc)
-                raise
-            tables = emu.tables()
-            tables.extra["nodes"] = group.node_ip_of_rank()
-            return tables
+    emu: Emulation | None = None
+    nodes: dict | None = None
+
+    def tables() -> RunTables:
+        out = emu.tables() if emu is not None else _empty_tables(setup)
+        out.extra["nodes"] = nodes
+        return out
+
+    def checkpoint(_tables: RunTables) -> None:
+        _tables.extra["nodes"] = nodes
+        on_checkpoint(_tables)
+
+    try:
+        with start_ray(cfg.address, include_dashboard=include_dashboard):
+            with WorkerGroup(setup.layout, backend=cfg.backend,
+                             timeout_s=cfg.timeout_s) as group:
+                nodes = group.nodes_summary()
+                emu = Emulation(setup, group)
+                try:
+                    emu.allocate()
+                    emu.run(on_progress, checkpoint_interval_s=checkpoint_interval_s,
+                            on_checkpoint=None if on_checkpoint is None else checkpoint)
+                except BaseException as exc:
+                    if on_partial is not None:
+                        on_partial(tables(), exc)
+                        on_partial = None  # written; the outer handler must not repeat it
+                    raise
+                return tables()
+    except BaseException as exc:
+        if on_partial is not None:
+            on_partial(tables(), exc)
+        raise
+
+
+def _empty_tables(setup: RunSetup) -> RunTables:
+    """The tables of a run that never started a step (every request unfinished)."""
+    requests = setup.new_requests()
+    return RunTables(requests=request_table(requests).to_table(),
+                     steps=StepRecords().to_table(), collectives=None,
+                     extra=run_extra(setup, requests))
