@@ -299,14 +299,15 @@ class Worker:
 
     # -- microbenchmark ---------------------------------------------------------------------
     def bench_collective(self, op: str, num_bytes: int, num_iters: int, num_warmup: int = 2,
-                         axis: str = "world") -> np.ndarray:
+                         axis: str = "world", sender_delay_s: float = 0.0) -> np.ndarray:
         """Time ``num_iters`` calls of ``op`` over the ``axis`` group (``emulator bench``).
 
         ``num_bytes`` follows nccl-tests' "size": all_reduce the buffer, all_gather the
         gathered output, all_to_all each rank's send buffer, send_recv the message (group
         index 0 sends to index 1, other ranks only join the barriers). Every iteration starts
-        with a barrier so the ranks enter together, as after a step's previous collective.
-        Returns float64 [num_iters, 2]: (entry_s, exit_s) per iteration on the driver clock.
+        with a barrier so the ranks enter together, as after a step's previous collective;
+        ``sender_delay_s`` (send_recv only) delays the sender after it, so the receiver idles
+        in its recv as a pipeline stage does. Returns float64 [num_iters, 2]: (entry_s, exit_s) per iteration on the driver clock.
         Must run concurrently on every rank of the group; buffers are freed on return.
         """
         group = self._groups.get(axis) if axis != "world" else None
@@ -338,9 +339,12 @@ class Worker:
         else:
             raise ValueError(f"op must be all_reduce, all_gather, all_to_all or send_recv, "
                              f"got {op!r}")
+        pre_delay_s = sender_delay_s if op == "send_recv" and me == 0 else 0.0
         times = np.empty((num_iters, 2))
         for i in range(num_warmup + num_iters):
             dist.barrier(group=group)
+            if pre_delay_s > 0:
+                self._delay(pre_delay_s)
             entry_s = self._now()
             call()
             self._synchronize()
