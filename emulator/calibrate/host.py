@@ -29,8 +29,11 @@ import numpy as np
 
 from emulator.core.work import StageWork, StepWork
 from emulator.cost.comm import HostOverhead
+from emulator.runtime.delay import SPIN_S
 
-DELAY_GRID_S = (0.0, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2)
+# precise_sleep only spins below SPIN_S and sleeps (yields the core) above it: on a busy
+# host the overheads jump there, so the grid brackets it closely.
+DELAY_GRID_S = (0.0, 1e-4, 0.9 * SPIN_S, 1.1 * SPIN_S, 4e-4, 1e-3, 3e-3, 1e-2)
 GRID_LAYERS = 8
 GAP_LAYERS = (4, 32)
 PROBE_BYTES = 64 * 1024
@@ -95,7 +98,24 @@ def measure_host_overhead(group, line_s, *, num_steps: int = 8,
     return HostOverhead(num_ranks=n, step_gap_s=gap0, step_gap_s_per_collective=gap_per,
                         step_fixed_s=max(0.0, float(np.median(fixed))),
                         delay_grid_s=list(grid_s), delay_excess_s=delay_excess,
-                        collective_excess_s=coll_excess, wake_s=wake)
+                        collective_excess_s=coll_excess, wake_s=wake,
+                        p2p_wake_s=measure_p2p_wake(group, line_s, grid_s, num_bytes))
+
+
+def measure_p2p_wake(group, line_s, grid_s, num_bytes: int, num_iters: int = 8) -> list[float]:
+    """Per idle time d: median of (send/recv time when the sender comes d after the receiver
+    entered its recv) - the line; the sender's delay keeps the receiver idle in gloo's recv
+    as a pipeline stage waiting for activations is."""
+    out = []
+    line = line_s("send_recv", num_bytes)
+    for d in grid_s:
+        times = np.stack(group.get(
+            [a.bench_collective.remote("send_recv", num_bytes, num_iters, 1, "world", d)
+             for a in group.actors], group.timeout_s * (num_iters + 1),
+            "probe send/recv wake-up"))[:2]  # [2 ranks, iters, (entry, exit)]
+        transfer = times[:, :, 1].max(axis=0) - times[:, :, 0].max(axis=0)
+        out.append(max(0.0, float(np.median(transfer)) - line))
+    return out
 
 
 def measure_step_gap(group, layers: tuple[int, ...] = GAP_LAYERS) -> tuple[float, float]:

@@ -132,10 +132,13 @@ def calibrate(output, from_bench, no_host_probe, name, **kw):
 @config_options(COMMON_FIELDS + EMULATION_FIELDS)
 @click.option("-o", "--output", "outdir", type=click.Path(path_type=Path), required=True,
               help="Output directory: emulate/, simulate/, validation.json, validation.png.")
+@click.option("--host-probe/--no-host-probe", default=True, show_default=True,
+              help="Re-measure the host overheads just before emulating (they follow the "
+              "machine's load); the collective lines always come from --comm-profile.")
 @click.option("--reuse-emulation", is_flag=True,
               help="Keep OUTDIR/emulate (do not re-run it); re-simulate and re-report, with "
               "--comm-profile if given (e.g. after re-calibrating).")
-def validate(config_file, outdir, reuse_emulation, **values):
+def validate(config_file, outdir, host_probe, reuse_emulation, **values):
     """Emulate and simulate (host profile, same dilation) one trace; report the errors."""
     from emulator.config import build_config
     from emulator.validate.run import revalidate
@@ -144,7 +147,7 @@ def validate(config_file, outdir, reuse_emulation, **values):
     if reuse_emulation:
         report = revalidate(outdir, values.get("comm_profile"))
     else:
-        report = run(build_config(config_file, **values), outdir)
+        report = run(build_config(config_file, **values), outdir, host_probe=host_probe)
     console = Console(width=120)
     table = Table(title=f"validation: {outdir}")
     table.add_column("metric")

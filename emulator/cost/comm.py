@@ -130,14 +130,18 @@ class HostOverhead(BaseModel):
     wake_s: list[float] = Field(
         description="Per grid point: the part of collective_excess_s inside the transfer "
         "(max exit - max entry) itself; the rest is straggler sync-wait.")
+    p2p_wake_s: list[float] | None = Field(
+        default=None, description="Per grid point: extra time of a send/recv whose receiver "
+        "idled that long in its recv (a pipeline stage waiting for activations); None: "
+        "use wake_s.")
 
     @model_validator(mode="after")
     def _grid(self) -> HostOverhead:
         n = len(self.delay_grid_s)
         if any(len(v) != n for v in (self.delay_excess_s, self.collective_excess_s,
-                                     self.wake_s)):
-            raise ValueError("delay_excess_s, collective_excess_s and wake_s need one value "
-                             "per delay_grid_s point")
+                                     self.wake_s, self.p2p_wake_s or self.wake_s)):
+            raise ValueError("delay_excess_s, collective_excess_s, wake_s and p2p_wake_s "
+                             "need one value per delay_grid_s point")
         if any(b <= a for a, b in zip(self.delay_grid_s, self.delay_grid_s[1:])):
             raise ValueError("delay_grid_s must be strictly ascending")
         return self
@@ -153,12 +157,17 @@ class HostOverhead(BaseModel):
     def wake(self, delay_s: np.ndarray) -> np.ndarray:
         return np.interp(delay_s, self.delay_grid_s, self.wake_s)
 
+    def p2p_wake(self, idle_s: np.ndarray) -> np.ndarray:
+        return np.interp(idle_s, self.delay_grid_s, self.p2p_wake_s or self.wake_s)
+
     def scaled(self, factor: float) -> HostOverhead:
         """Every time (the grid too) multiplied by ``factor`` (1 / dilation: target units)."""
         update = {k: getattr(self, k) * factor for k in (
             "step_gap_s", "step_gap_s_per_collective", "step_fixed_s")}
         update.update({k: [v * factor for v in getattr(self, k)] for k in (
             "delay_grid_s", "delay_excess_s", "collective_excess_s", "wake_s")})
+        if self.p2p_wake_s is not None:
+            update["p2p_wake_s"] = [v * factor for v in self.p2p_wake_s]
         return self.model_copy(update=update)
 
 

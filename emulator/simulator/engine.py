@@ -176,7 +176,7 @@ class CostModelExecutor:
             if s > 0 and self.host is not None:
                 # The receiving rank idled in its recv from `free` until the activations
                 # came; waking it costs what waking a collective after that idle time costs.
-                ready += float(self.host.wake(max(0.0, ready - free)))
+                ready += float(self.host.p2p_wake(max(0.0, ready - free)))
             begin = max(ready, free)
             stage_start[s] = begin
             stage_end[s] = begin + compute[s] + comm[s] + over[s]

@@ -14,8 +14,12 @@ high), so bias shows; headlines and the verdict use magnitudes.
   the emulated instances against the median of the host profile's prediction for the same
   instances (op, group size, placement, bytes). A measured instance's time is
   ``max(exit) - max(entry)`` over its ranks: the transfer once the last rank has entered;
-  the straggler wait (``max(entry) - entry``) is compared separately with the profile's
-  ``sync_wait_s``. The headline per bucket is the largest magnitude over ops.
+  with a host profile the prediction adds the wake-up cost after the idle time before the
+  instance (HostOverhead.wake): for a group collective the mean over its ranks of the time
+  since the rank left its previous op (the compute delay it ran), for a pipeline transfer
+  the time the receiver waited in its recv. Those are the measured *context* of the
+  transfer, not its outcome; the step-level errors use no measured input at all. The headline per bucket is the
+  largest magnitude over ops; the mean straggler wait is reported beside.
 - Requests: TTFT, TPOT and E2E at p50 and p90; the drain time (last finish - first arrival).
 """
 
@@ -101,6 +105,16 @@ def collective_instances(collectives: pa.Table, node_of_rank: list | None = None
     op = np.where((op == "send") | (op == "recv"), "send_recv", op)
     nbytes = np.maximum.reduceat(c["bytes"][order], starts).astype(np.float64)
     nbytes = np.where(op == "all_gather", nbytes * size, nbytes)
+    # The idle time before each instance (the context of its wake-up cost): for a pipeline
+    # transfer how long the receiver waited in its recv; for a group collective the mean over
+    # its ranks of (own entry - own exit of the previous op in the step), 0 for the first.
+    is_recv = c["op"][order] == "recv"
+    gap = _gap_before(c["replica"], c["step"], c["rank"], c["entry_s"], c["exit_s"])[order]
+    idle = np.where(is_recv, np.repeat(max_entry, size) - entry, gap)
+    p2p_idle = np.add.reduceat(np.where(is_recv, idle, 0.0), starts)
+    group_idle = np.add.reduceat(idle, starts) / size
+    is_p2p_inst = np.add.reduceat(is_recv.astype(np.int64), starts) > 0
+    idle_before = np.where(is_p2p_inst, p2p_idle, group_idle)
     ranks = c["rank"][order]
     if node_of_rank:
         nodes = np.asarray(node_of_rank, dtype=object)[ranks]
@@ -111,19 +125,35 @@ def collective_instances(collectives: pa.Table, node_of_rank: list | None = None
             "stage": c["stage"][order][starts],
             "op": op, "group_size": np.where(op == "send_recv", 2, size),
             "placement": np.where(inter, "inter", "intra"), "bytes": nbytes,
-            "time_s": time_s, "sync_wait_s": sync}
+            "time_s": time_s, "sync_wait_s": sync, "idle_before_s": idle_before}
 
 
-def collective_errors(inst: dict[str, np.ndarray], profile: CommProfile,
-                      delay_s: np.ndarray | None = None) -> dict[str, Any]:
+def _gap_before(replica, step, rank, entry_s, exit_s) -> np.ndarray:
+    """Per row: entry - exit of the same rank's previous op in (replica, step); 0 for the
+    first op of a rank's step."""
+    order = np.lexsort((entry_s, rank, step, replica))
+    r, st, k = (np.asarray(a)[order] for a in (replica, step, rank))
+    same = np.zeros(order.size, bool)
+    same[1:] = (r[1:] == r[:-1]) & (st[1:] == st[:-1]) & (k[1:] == k[:-1])
+    out = np.zeros(order.size)
+    e, x = np.asarray(entry_s)[order], np.asarray(exit_s)[order]
+    out[1:] = np.where(same[1:], e[1:] - x[:-1], 0.0)
+    res = np.empty(order.size)
+    res[order] = np.maximum(out, 0.0)
+    return res
+
+
+def collective_errors(inst: dict[str, np.ndarray], profile: CommProfile) -> dict[str, Any]:
     """Per op and size bucket, the error of the median (``profile`` in the tables' units).
     The prediction of an instance is the benchmark line plus, with a host profile, the
-    wake-up cost after the compute delay ``delay_s`` that precedes it (HostOverhead.wake)."""
+    wake-up cost after the idle time before it (``idle_before_s``; HostOverhead.wake)."""
+    delay_s = inst.get("idle_before_s")
     pred = np.array([profile.time_s(o, int(n), p, float(b)) for o, n, p, b in zip(
         inst["op"].tolist(), inst["group_size"].tolist(), inst["placement"].tolist(),
         inst["bytes"].tolist())])
     if profile.host is not None and delay_s is not None:
-        pred = pred + profile.host.wake(delay_s)
+        p2p = inst["op"] == "send_recv"
+        pred = pred + np.where(p2p, profile.host.p2p_wake(delay_s), profile.host.wake(delay_s))
     rows, worst = [], {"small": None, "large": None}
     large = inst["bytes"] >= LARGE_BYTES
     for op in sorted(set(inst["op"].tolist())):

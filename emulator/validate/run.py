@@ -14,8 +14,6 @@ Comparable runs need the same plans: use an offline batch trace (see join.py).
 from __future__ import annotations
 
 from pathlib import Path
-
-import numpy as np
 from typing import Any
 
 from emulator.atomic import write_json_atomic
@@ -23,7 +21,7 @@ from emulator.build import build_run
 from emulator.config import RunConfig
 from emulator.cost import CostModel
 from emulator.cost.comm import CommProfile
-from emulator.cost.profile_io import load_profile
+from emulator.cost.profile_io import load_profile, save_profile
 from emulator.errors import ConfigError
 from emulator.metrics.io import RunWriter
 from emulator.simulator.engine import CostModelExecutor, Simulation
@@ -71,8 +69,7 @@ def build_report(config: RunConfig, profile: CommProfile, emu: RunTables, sim: R
     report.update(request_errors(emu.requests, sim.requests))
     scaled = profile.scaled(1.0 / config.dilation)
     if emu.collectives is not None and emu.collectives.num_rows:
-        inst = collective_instances(emu.collectives, node_of_rank)
-        coll = collective_errors(inst, scaled, mean_delay_s(config, sim.steps, inst))
+        coll = collective_errors(collective_instances(emu.collectives, node_of_rank), scaled)
     else:
         coll = {"collective_median_error_small": None, "collective_median_error_large": None,
                 "by_op": []}
@@ -80,27 +77,11 @@ def build_report(config: RunConfig, profile: CommProfile, emu: RunTables, sim: R
     report["collective_median_error_large"] = coll["collective_median_error_large"]
     report["steps_by_kind"] = steps["by_kind"]
     report["collectives"] = coll
-    report["host_overheads_modeled"] = profile.host is not None
+    report["host_overheads"] = profile.host.model_dump() if profile.host is not None else None
     report["dilation"] = config.dilation
     report["profile"] = profile.name
     report["verdict"] = verdict(report)
     return report, joined
-
-
-def mean_delay_s(config: RunConfig, steps, inst: dict) -> np.ndarray:
-    """Per collective instance, the mean nominal compute delay of its (replica, step, stage)
-    in the simulation (target seconds): the idle time before a collective, which decides
-    its wake-up cost (HostOverhead.wake). 0 for pipeline transfers."""
-    setup = build_run(config)
-    layers = [last - first for first, last in setup.layout.stage_layers(setup.model)]
-    pp = len(layers)
-    col = {k: steps[k].to_numpy() for k in ("replica", "step", "stage", "compute_s")}
-    num_delays = np.array([2 * layers[s] + (s == 0) + (s == pp - 1) for s in col["stage"]])
-    per = dict(zip(zip(col["replica"].tolist(), col["step"].tolist(), col["stage"].tolist()),
-                   (col["compute_s"] / num_delays).tolist()))
-    keys = zip(inst["replica"].tolist(), inst["step"].tolist(), inst["stage"].tolist())
-    delay = np.array([per.get(k, 0.0) for k in keys])
-    return np.where(inst["op"] == "send_recv", 0.0, delay)
 
 
 def verdict(report: dict[str, Any]) -> str:
@@ -124,24 +105,40 @@ def verdict(report: dict[str, Any]) -> str:
 
 def revalidate(outdir: Path, comm_profile: Path | None = None) -> dict[str, Any]:
     """Redo the simulation and the report of an existing validation directory (its
-    emulate/ run is read back, not re-run), optionally with another host profile."""
+    emulate/ run is read back, not re-run) with ``comm_profile``, else the profile the
+    validation used (``host-profile.json`` when the host was re-probed)."""
     from emulator.metrics.io import read_run
 
     outdir = Path(outdir)
     run = read_run(outdir / "emulate")
     config = RunConfig.model_validate(run.summary["config"])
+    if comm_profile is None and (outdir / "host-profile.json").exists():
+        comm_profile = outdir / "host-profile.json"
     if comm_profile is not None:
         config = config.model_copy(update={"comm_profile": Path(comm_profile)})
     emu = RunTables(requests=run.requests, steps=run.steps, collectives=run.collectives)
     return report_runs(config, host_profile(config), outdir, emu, run.summary.get("nodes"))
 
 
-def validate(config: RunConfig, outdir: Path, *, on_progress=None) -> dict[str, Any]:
+def validate(config: RunConfig, outdir: Path, *, host_probe: bool = True,
+             on_progress=None) -> dict[str, Any]:
     """Emulate and simulate ``config``, write both runs under ``outdir`` (emulate/,
-    simulate/), ``validation.json`` and ``validation.png``; return the report."""
+    simulate/), ``validation.json`` and ``validation.png``; return the report.
+
+    ``host_probe``: re-measure the host overheads (calibrate/host.py, ~10 s) right before
+    the emulation and price with those instead of the profile's: on a shared host they
+    follow the machine's load, which drifts between `calibrate` and `validate`. The
+    collective lines always come from the profile; the file is not modified."""
+    from emulator.calibrate.run import probe_host
     from emulator.runtime.executor import emulate
 
     profile = host_profile(config)
+    if host_probe:
+        host = probe_host(max(2, config.tp), profile, address=config.address,
+                          timeout_s=config.timeout_s)
+        profile = profile.model_copy(update={"host": host, "name": f"{profile.name} "
+                                             "(host overheads re-probed)"})
+        save_profile(profile, Path(outdir) / "host-profile.json")
     outdir = Path(outdir)
     emu_writer = RunWriter(outdir / "emulate")
     setup = build_run(config, record_slots=True)

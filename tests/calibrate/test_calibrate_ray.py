@@ -43,14 +43,14 @@ def test_calibrate_then_validate(raw, tmp_path):
     assert len(points) == 8
     host = profile.host
     assert host is not None and host.num_ranks == 2
-    assert len(host.delay_excess_s) == len(host.delay_grid_s)
+    assert len(host.delay_excess_s) == len(host.delay_grid_s) == len(host.p2p_wake_s)
 
     trace = tmp_path / "batch.arrow"
     write_trace(synth_trace(num_requests=4, lengths="uniform", arrival="batch",
                             prompt_tokens=(8, 24), output_tokens=(2, 4), seed=2), trace)
     cfg = build_config(trace=trace, model="tiny", tp=2, dilation=20.0, comm_profile=path,
                        timeout_s=10.0, memory_scale=1e-3)
-    report = validate(cfg, tmp_path / "val")
+    report = validate(cfg, tmp_path / "val", host_probe=False)
     saved = json.loads((tmp_path / "val" / "validation.json").read_text())
     assert saved["verdict"] == report["verdict"]
     assert saved["verdict"].startswith(("PASS", "FAIL"))

@@ -94,6 +94,9 @@ def test_collective_instances_and_errors():
     assert got["time_s"] == pytest.approx([60e-6, 100e-6, 50e-6])  # max exit - max entry
     assert got["sync_wait_s"] == pytest.approx([0.0, 15e-6, 150e-6])
     assert got["placement"] == ["intra"] * 3
+    # idle before: all_gather 70 us after both ranks left the all-reduce; the first op of a
+    # step 0; the recv waited 300 us for its send.
+    assert got["idle_before_s"] == pytest.approx([70e-6, 0.0, 300e-6])
     prof = CommProfile(name="h", entries=[
         CommEntry(op=o, group_size=2, placement="intra", alpha_s=a, beta_s_per_byte=0.0)
         for o, a in (("all_reduce", 110e-6), ("all_gather", 60e-6), ("send_recv", 40e-6))])
