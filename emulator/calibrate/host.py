@@ -34,6 +34,7 @@ from emulator.runtime.delay import SPIN_S
 # precise_sleep only spins below SPIN_S and sleeps (yields the core) above it: on a busy
 # host the overheads jump there, so the grid brackets it closely.
 DELAY_GRID_S = (0.0, 1e-4, 0.9 * SPIN_S, 1.1 * SPIN_S, 4e-4, 1e-3, 3e-3, 1e-2)
+P2P_IDLE_GRID_S = (0.0, 1e-4, 1e-3, 1e-2, 0.1)
 GRID_LAYERS = 8
 GAP_LAYERS = (4, 32)
 PROBE_BYTES = 64 * 1024
@@ -99,10 +100,11 @@ def measure_host_overhead(group, line_s, *, num_steps: int = 8,
                         step_fixed_s=max(0.0, float(np.median(fixed))),
                         delay_grid_s=list(grid_s), delay_excess_s=delay_excess,
                         collective_excess_s=coll_excess, wake_s=wake,
-                        p2p_wake_s=measure_p2p_wake(group, line_s, grid_s, num_bytes))
+                        p2p_idle_grid_s=list(P2P_IDLE_GRID_S),
+                        p2p_wake_s=measure_p2p_wake(group, line_s, P2P_IDLE_GRID_S, num_bytes))
 
 
-def measure_p2p_wake(group, line_s, grid_s, num_bytes: int, num_iters: int = 8) -> list[float]:
+def measure_p2p_wake(group, line_s, grid_s, num_bytes: int, num_iters: int = 12) -> list[float]:
     """Per idle time d: median of (send/recv time when the sender comes d after the receiver
     entered its recv) - the line; the sender's delay keeps the receiver idle in gloo's recv
     as a pipeline stage waiting for activations is."""

@@ -130,20 +130,29 @@ class HostOverhead(BaseModel):
     wake_s: list[float] = Field(
         description="Per grid point: the part of collective_excess_s inside the transfer "
         "(max exit - max entry) itself; the rest is straggler sync-wait.")
+    p2p_idle_grid_s: list[float] | None = Field(
+        default=None, description="Receiver idle times probed for p2p_wake_s, ascending (a "
+        "pipeline stage can wait a whole stage, longer than any compute delay).")
     p2p_wake_s: list[float] | None = Field(
-        default=None, description="Per grid point: extra time of a send/recv whose receiver "
-        "idled that long in its recv (a pipeline stage waiting for activations); None: "
-        "use wake_s.")
+        default=None, description="Per p2p_idle_grid_s point: extra time of a send/recv whose "
+        "receiver idled that long in its recv (a pipeline stage waiting for activations); "
+        "None: use wake_s on delay_grid_s.")
 
     @model_validator(mode="after")
     def _grid(self) -> HostOverhead:
         n = len(self.delay_grid_s)
         if any(len(v) != n for v in (self.delay_excess_s, self.collective_excess_s,
-                                     self.wake_s, self.p2p_wake_s or self.wake_s)):
-            raise ValueError("delay_excess_s, collective_excess_s, wake_s and p2p_wake_s "
-                             "need one value per delay_grid_s point")
-        if any(b <= a for a, b in zip(self.delay_grid_s, self.delay_grid_s[1:])):
-            raise ValueError("delay_grid_s must be strictly ascending")
+                                     self.wake_s)):
+            raise ValueError("delay_excess_s, collective_excess_s and wake_s need one value "
+                             "per delay_grid_s point")
+        if (self.p2p_wake_s is None) != (self.p2p_idle_grid_s is None) or (
+                self.p2p_wake_s is not None
+                and len(self.p2p_wake_s) != len(self.p2p_idle_grid_s)):
+            raise ValueError("p2p_wake_s needs one value per p2p_idle_grid_s point")
+        for name in ("delay_grid_s", "p2p_idle_grid_s"):
+            grid = getattr(self, name) or []
+            if any(b <= a for a, b in zip(grid, grid[1:])):
+                raise ValueError(f"{name} must be strictly ascending")
         return self
 
     def delay_excess(self, delay_s: np.ndarray) -> np.ndarray:
@@ -158,7 +167,9 @@ class HostOverhead(BaseModel):
         return np.interp(delay_s, self.delay_grid_s, self.wake_s)
 
     def p2p_wake(self, idle_s: np.ndarray) -> np.ndarray:
-        return np.interp(idle_s, self.delay_grid_s, self.p2p_wake_s or self.wake_s)
+        if self.p2p_wake_s is None:
+            return self.wake(idle_s)
+        return np.interp(idle_s, self.p2p_idle_grid_s, self.p2p_wake_s)
 
     def scaled(self, factor: float) -> HostOverhead:
         """Every time (the grid too) multiplied by ``factor`` (1 / dilation: target units)."""
@@ -168,6 +179,7 @@ class HostOverhead(BaseModel):
             "delay_grid_s", "delay_excess_s", "collective_excess_s", "wake_s")})
         if self.p2p_wake_s is not None:
             update["p2p_wake_s"] = [v * factor for v in self.p2p_wake_s]
+            update["p2p_idle_grid_s"] = [v * factor for v in self.p2p_idle_grid_s]
         return self.model_copy(update=update)
 
 

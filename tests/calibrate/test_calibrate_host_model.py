@@ -40,9 +40,12 @@ def test_interpolation_and_scaling():
     assert scaled.time_s("all_reduce", 2, "intra", 1e6) == pytest.approx(0.1 * (1e-4 + 1e-3))
     # Without a send/recv table the collective wake-up is used for pipeline transfers.
     assert HOST.p2p_wake(5e-4) == pytest.approx(1e-4)
-    own = HOST.model_copy(update={"p2p_wake_s": [0.0, 4e-4]})
-    assert own.p2p_wake(5e-4) == pytest.approx(2e-4)
+    own = HOST.model_copy(update={"p2p_idle_grid_s": [0.0, 1e-3, 1e-1],
+                                  "p2p_wake_s": [0.0, 4e-4, 4e-4]})
+    assert own.p2p_wake(np.array([5e-4, 5e-2])) == pytest.approx([2e-4, 4e-4])
     assert own.scaled(0.5).p2p_wake(2.5e-4) == pytest.approx(1e-4)
+    with pytest.raises(ValueError, match="one value per p2p_idle_grid_s"):
+        HostOverhead(**{**HOST.model_dump(), "p2p_idle_grid_s": [0.0], "p2p_wake_s": [0, 1]})
     with pytest.raises(ValueError, match="one value per delay_grid_s"):
         HostOverhead(num_ranks=2, step_gap_s=0, step_fixed_s=0, delay_grid_s=[0.0, 1.0],
                      delay_excess_s=[0.0], collective_excess_s=[0, 0], wake_s=[0, 0])
