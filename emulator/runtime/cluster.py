@@ -112,7 +112,11 @@ class WorkerGroup:
             socket_ifname = "lo"
         env = {"GLOO_SOCKET_IFNAME": socket_ifname} if socket_ifname else {}
         for rank in range(self.world_size):
-            options: dict = {"num_cpus": cpus_per_rank, "num_gpus": gpus}
+            # No task events: a run submits tens of steps a second for hours, and Ray would
+            # keep an event per call (in the driver's buffer and up to 100k in the GCS)
+            # for a dashboard this tool does not start by default.
+            options: dict = {"num_cpus": cpus_per_rank, "num_gpus": gpus,
+                             "enable_task_events": False}
             if self._placement is not None:
                 options["scheduling_strategy"] = self._placement.scheduling_strategy(rank)
             self.actors.append(Worker.options(**options).remote(
