@@ -14,7 +14,7 @@ Columns: KV capacity per replica (MLA: 1,152 B per token per layer, not split by
 time and throughput, TPOT p50, the communication share of step time, and for EP layouts the
 predicted per-layer imbalance and busiest-rank expert time of a 256-token decode step.
 
-Usage: .venv/bin/python experiments/moe_layouts.py [--num-requests 512] [--seed 0]
+Usage: .venv/bin/python experiments/moe_layouts.py [--num-requests 256] [--seed 0]
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ DECODE_TOKENS = 256
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--num-requests", type=int, default=512)
+    parser.add_argument("--num-requests", type=int, default=256)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     t = new_table(f"{MODEL} on 8 x {HARDWARE}, reasoning batch of {args.num_requests} "
@@ -72,6 +72,7 @@ def main() -> int:
                           fmt_s(m["drain_time_s"]), f"{m['throughput_tokens_per_s']:,.0f}",
                           fmt_s(m["tpot_p50_s"]), pct(row.comm_share), imb, busiest,
                           f"{row.wall_s:.1f}")
+                console.print(f"done: {name} {skew_name} ({row.wall_s:.1f} s)")
                 commands.append(simulate_command(settings, f"out/{name}-{skew_name}"
                                                  .replace(" ", "").replace(",", "_")))
     console.print(t)

@@ -210,9 +210,9 @@ def gumbel_of(z: np.ndarray) -> np.ndarray:
         return -np.log(neg_log_cdf)
 
 
-def _route(spec: RoutingSpec, hidden_key: list[int], layer: int, num_tokens: int,
-           sources: np.ndarray) -> LayerRouting:
-    k, ep = spec.top_k, spec.ep
+def _gate(spec: RoutingSpec, hidden_key: list[int], layer: int, num_tokens: int) -> np.ndarray:
+    """int64 [T, k]: each token's experts, best score first."""
+    k = spec.top_k
     x = np.random.default_rng(hidden_key).standard_normal((num_tokens, GATE_DIM))
     scores = gumbel_of(x @ router_weight(spec, layer)) + spec._log_p  # [T, E]
     if k < spec.num_experts:
@@ -220,7 +220,11 @@ def _route(spec: RoutingSpec, hidden_key: list[int], layer: int, num_tokens: int
     else:
         top = np.broadcast_to(np.arange(k), (num_tokens, k)).copy()
     order = np.argsort(-np.take_along_axis(scores, top, axis=1), axis=1, kind="stable")
-    ids = np.take_along_axis(top, order, axis=1)  # [T, k]
+    return np.take_along_axis(top, order, axis=1)
+
+
+def _layer_routing(spec: RoutingSpec, ids: np.ndarray, sources: np.ndarray) -> LayerRouting:
+    num_tokens, ep = ids.shape[0], spec.ep
     token = np.arange(num_tokens)[:, None]
     slot = spec._expert_slots[ids, token % spec._num_replicas[ids]]  # [T, k]
     src = sources[(np.arange(num_tokens) * sources.size) // max(num_tokens, 1)][:, None]
@@ -237,15 +241,17 @@ def route(spec: RoutingSpec, *, replica: int, step: int, layer: int,
     tokens split evenly over all ``ep`` ranks."""
     if num_tokens < 0 or min(replica, step, layer) < 0:
         raise ValueError("replica, step, layer and num_tokens must be >= 0")
-    return _route(spec, [spec.seed, 0, replica, step, layer], layer, num_tokens,
-                  np.arange(spec.ep))
+    ids = _gate(spec, [spec.seed, 0, replica, step, layer], layer, num_tokens)
+    return _layer_routing(spec, ids, np.arange(spec.ep))
 
 
 def sample_loads(spec: RoutingSpec, num_tokens: int, num_samples: int,
                  sources: np.ndarray | None = None) -> list[LayerRouting]:
-    """``num_samples`` independent routings of ``num_tokens`` tokens (hidden states from a
-    stream of their own, layers 0, 1, ...): the simulator's sample of the load distribution.
+    """``num_samples`` independent routings of ``num_tokens`` tokens: the simulator's sample
+    of the load distribution. One gate call over ``num_samples * num_tokens`` tokens (hidden
+    states from a stream of their own, layer 0's router), cut into samples.
     ``sources``: EP ranks that hold the tokens (default all)."""
     src = np.arange(spec.ep) if sources is None else np.asarray(sources, dtype=np.int64)
-    return [_route(spec, [spec.seed, 3, i, num_tokens], i, num_tokens, src)
+    ids = _gate(spec, [spec.seed, 3, num_tokens, num_samples], 0, num_samples * num_tokens)
+    return [_layer_routing(spec, ids[i * num_tokens:(i + 1) * num_tokens], src)
             for i in range(num_samples)]

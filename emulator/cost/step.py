@@ -123,7 +123,8 @@ class CostModel:
         # stages (group order is stage-major), every rank otherwise.
         self._ep_sources = (np.arange(self.tp) if getattr(layout, "ep_spans_stages", False)
                             else None)
-        self._loads: dict[int, tuple] = {}
+        self._loads: dict[int, tuple] = {}  # token bucket -> sampled per-rank loads
+        self._load_by_tokens: dict[int, MoeLoad] = {}
 
     # --- communication lines, resolved once per replica -------------------------------
     def _lines(self, replica: int) -> dict:
@@ -282,6 +283,9 @@ class CostModel:
         if self.routing is None:
             raise ValueError("moe_load needs a CostModel built with routing= (MoE, ep > 1)")
         group = num_tokens * self._group_batches
+        done = self._load_by_tokens.get(group)
+        if done is not None:
+            return done
         bucket = _load_bucket(group)
         base = self._loads.get(bucket)
         if base is None:
@@ -293,8 +297,10 @@ class CostModel:
         times = [routed_time_s(s, roof, p * scale, a) for p, a in zip(pairs, active)]
         busiest = float(np.mean([t.max() for t in times]))
         mean = float(np.mean([t.mean() for t in times]))
-        return MoeLoad(num_group_tokens=group, busiest_expert_s=busiest, mean_expert_s=mean,
+        load = MoeLoad(num_group_tokens=group, busiest_expert_s=busiest, mean_expert_s=mean,
                        imbalance=imbalance, busiest_a2a_rows=rows * scale)
+        self._load_by_tokens[group] = load
+        return load
 
     def _sample_load(self, num_tokens: int) -> tuple:
         # Enough samples to see ~4k pairs, at least 4 and at most 32.
