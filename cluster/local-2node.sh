@@ -35,7 +35,10 @@ readonly NUM_CPUS="${EMULATOR_NODE_CPUS:-4}"
 readonly OBJECT_STORE_BYTES="${EMULATOR_OBJECT_STORE_BYTES:-268435456}"
 readonly TIMEOUT_S="${EMULATOR_START_TIMEOUT_S:-60}"
 # Short on purpose: Ray puts Unix sockets under the temp dir (path limit ~107 bytes).
-readonly STATE_DIR="${EMULATOR_2NODE_DIR:-${TMPDIR:-/tmp}/emu2n-$(id -u)-${PORT}}"
+# Absolute: Ray's --temp-dir must be, and the env file must work from any directory.
+state_dir="${EMULATOR_2NODE_DIR:-${TMPDIR:-/tmp}/emu2n-$(id -u)-${PORT}}"
+[[ "$state_dir" == /* ]] || state_dir="$PWD/$state_dir"
+readonly STATE_DIR="$state_dir"
 readonly HOST=127.0.0.1
 readonly ADDRESS="${HOST}:${PORT}"
 
@@ -106,7 +109,9 @@ launch() {  # start node $1 in its own session; extra ray start args follow
     node_args "$node"
     # RAY_AUTH_MODE=token: Ray 2.60's gRPC servers listen on all interfaces (see the header),
     # so the token, readable by this user only, is what keeps other users and hosts out.
-    RAY_AUTH_MODE=token \
+    # env -u RAY_AUTH_TOKEN: Ray prefers that variable to the token file; a token exported
+    # for another cluster must not become this one's.
+    env -u RAY_AUTH_TOKEN RAY_AUTH_MODE=token \
         RAY_AUTH_TOKEN_PATH="$STATE_DIR/auth_token" RAY_USAGE_STATS_ENABLED=0 \
         RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S=0 \
         setsid "$RAY" start "$@" "${ARGS[@]}" \

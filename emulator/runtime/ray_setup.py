@@ -80,10 +80,12 @@ def _check_reachable(address: str) -> None:
 
 
 def _join_error(address: str, exc: BaseException) -> ClusterUnreachableError:
-    """ray.init's ConnectionError hides the reason in its cause chain; name it."""
+    """ray.init's ConnectionError hides the reason in its cause chain (as an exception or
+    as the text of one); name it."""
     cause: BaseException | None = exc
     while cause is not None:
-        if type(cause).__name__ == "AuthenticationError":
+        if (type(cause).__name__ == "AuthenticationError"
+                or "InvalidAuthToken" in str(cause)):
             mode = os.environ.get("RAY_AUTH_MODE", "unset")
             return ClusterUnreachableError(
                 f"the Ray cluster at {address} refused the connection: its token "

@@ -208,3 +208,19 @@ def test_killed_rank_on_the_second_node_is_named_with_its_node(two_nodes, tmp_pa
     after = _probe(address, env)
     assert after["nodes"][node_b] == ["node_b"]  # the rank that died was on node b
     assert after["free"] == after["total"] and after["live_groups"] == 0
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(120)
+def test_driver_without_the_token_is_told_how_to_authenticate(two_nodes, tmp_path):
+    address, env = two_nodes
+    no_token = {k: v for k, v in env.items() if not k.startswith("RAY_AUTH")}
+    no_token["RAY_gcs_server_port_wait_time_s"] = "2"  # Ray's retries: 2 s instead of 20
+    result = _emulate(address, no_token, tmp_path / "run")
+    assert result.returncode == 2
+    lines = [ln for ln in result.stderr.splitlines() if ln.startswith("error: ")]
+    assert lines == [
+        f"error: the Ray cluster at {address} refused the connection: its token "
+        "authentication failed (RAY_AUTH_MODE=unset); export RAY_AUTH_MODE=token and "
+        "RAY_AUTH_TOKEN_PATH=<the cluster's token file> (cluster/local-2node.sh writes both "
+        "to <state dir>/env)"]
