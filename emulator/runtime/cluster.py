@@ -87,9 +87,9 @@ class WorkerGroup:
         self._node_ids: list[str] = []
         self._node_ips: list[str] = []
         self._replica_free_s: dict[int, float] = {}
+        """replica -> driver time by which its in-flight steps' compute should be done."""
         self._open: list[PendingStep] = []
         """Submitted steps not yet fully collected (their errors are drained at the end)."""
-        """replica -> driver time by which its in-flight steps' compute should be done."""
         try:
             self._start(use_placement_groups, cpus_per_rank, placement_timeout_s,
                         socket_ifname)
