@@ -8,7 +8,7 @@ max-num-seqs (one decode token per seat), so the token budget is max(8192, max-n
 routers least_outstanding and round_robin at --dp-max-num-seqs per replica, and prints each
 replica's drain time (its last finish, from requests.parquet's replica column).
 
-The default batch (3,000 requests) keeps the whole script at about two minutes on 2 cores;
+The default batch (3,000 requests) keeps the whole script at a few minutes on 2 cores;
 the simulated drain times are hours.
 
 Usage: .venv/bin/python experiments/capacity_trap.py [--num-requests 3000] [--seed 0]
