@@ -36,7 +36,8 @@ def test_round_trip(tmp_path):
                                     mode="emulate", config={"dilation": 4.0},
                                     nodes={"0": "n0", "1": "n0"})
     assert sorted(p.name for p in out.iterdir()) == [
-        "collectives.parquet", "requests.parquet", "steps.parquet", "summary.json"]
+        "collectives.parquet", "requests.parquet", "steps.parquet", "summary.json",
+        "timeline.json"]
     run = read_run(out)
     assert run.requests.equals(requests.to_table())
     assert run.steps.equals(steps.to_table())
