@@ -153,6 +153,10 @@ class CostModelExecutor:
             if tp > 1:  # every delay is followed by a TP collective (worker.run_step)
                 over[p] += float(h.collective_excess(delays).sum())
                 num_group = delays.size
+            if self.cost.ep > 1:  # EP dispatch + combine per MoE layer, right after another op
+                num_a2a = 2 * self.cost._num_moe[p]
+                over[p] += num_a2a * float(h.collective_excess(0.0))
+                num_group += num_a2a
             num_rows += tp * (num_group + (p > 0) + (p < pp - 1))
         return h.step_gap_s + num_rows * h.step_gap_s_per_collective, over
 

@@ -118,11 +118,16 @@ def test_executor_adds_host_overheads_exactly(batch_trace):
 def test_host_terms_of_one_stage():
     from emulator.calibrate.host import probe_work
 
-    ex = CostModelExecutor(SimpleNamespace(tp=2), None, host=HOST)
+    ex = CostModelExecutor(SimpleNamespace(tp=2, ep=1), None, host=HOST)
     gap, over = ex._host_terms(probe_work(2, 5e-4, 4096), 1)
     # 6 delays of 0.5 ms: excess 30 us each, collective excess 200 us each; 12 rows.
     assert over == pytest.approx([2e-4 + 6 * (3e-5 + 2e-4)])
     assert gap == pytest.approx(1e-3 + 12 * 1e-6)
-    ex1 = CostModelExecutor(SimpleNamespace(tp=1), None, host=HOST)
+    ex1 = CostModelExecutor(SimpleNamespace(tp=1, ep=1), None, host=HOST)
     _, over1 = ex1._host_terms(probe_work(2, 5e-4, 0), 1)
     assert over1 == pytest.approx([2e-4 + 6 * 3e-5])  # tp = 1: no collectives to wait in
+    # EP: a dispatch and a combine per MoE layer, each right after another op (excess at 0).
+    ex_ep = CostModelExecutor(SimpleNamespace(tp=2, ep=2, _num_moe=[2]), None, host=HOST)
+    gap_ep, over_ep = ex_ep._host_terms(probe_work(2, 5e-4, 4096), 1)
+    assert over_ep == pytest.approx(over + 4 * 1e-4)
+    assert gap_ep == pytest.approx(gap + 2 * 4 * 1e-6)
