@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +42,7 @@ def plot_validation(joined: dict[str, np.ndarray], report: dict[str, Any], path:
         _diagonal(ax2, np.r_[m, p])
     ax2.set(xscale="log", yscale="log", xlabel="measured median collective time (µs)",
             ylabel="predicted median (µs)", title="collectives per op and size bucket")
-    fig.suptitle(report.get("verdict", ""), fontsize=9)
+    fig.suptitle("\n".join(textwrap.wrap(report.get("verdict", ""), 150)), fontsize=8)
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=110)
