@@ -23,7 +23,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import ray
-from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
+from ray.exceptions import (GetTimeoutError, OutOfMemoryError, RayActorError, RayError,
+                            RayTaskError)
 
 from emulator.core.work import StepWork
 from emulator.errors import RunError
@@ -155,7 +156,7 @@ class WorkerGroup:
         except RayActorError as exc:
             raise RunError(f"a worker died while trying to {what}: "
                            f"{self._dead_ranks_text() or exc}") from None
-        except RayTaskError as exc:
+        except (RayTaskError, RayError) as exc:  # e.g. OutOfMemoryError: a worker was killed
             raise RunError(f"could not {what}: {_first_line(exc)}") from None
         return values[0] if single else values
 
@@ -294,8 +295,10 @@ class WorkerGroup:
         if idx:
             try:
                 values = ray.get([pending.refs[i] for i in idx], timeout=CONTROL_TIMEOUT_S)
-            except (RayActorError, RayTaskError, GetTimeoutError):
-                raise self._step_failure(pending) from None
+            except (RayError, GetTimeoutError) as exc:
+                why = ("killed by Ray's memory monitor: the node ran out of memory"
+                       if isinstance(exc, OutOfMemoryError) else "")
+                raise self._step_failure(pending, why) from None
             for i, value in zip(idx, values):
                 pending.results[i] = value
         return pending.done
@@ -323,7 +326,7 @@ class WorkerGroup:
         return self.collect(self.submit_replica_step(replica, step_work, slot_ids, dilation,
                                                      step_key))
 
-    def _step_failure(self, pending: PendingStep) -> RunError:
+    def _step_failure(self, pending: PendingStep, why_dead: str = "") -> RunError:
         key = pending.step_key[1]
         step = (f"step {key[0]} (micro-batch {key[1]})"
                 if isinstance(key, tuple) and len(key) == 2 else f"step {key!r}")
@@ -339,8 +342,8 @@ class WorkerGroup:
             except GetTimeoutError:
                 dead.append(self._where(rank) + " (not responding)")
         if dead:
-            return RunError(f"{prefix}: worker {', '.join(dead)} died (its process exited "
-                            "or its node failed)")
+            why_dead = why_dead or "its process exited or its node failed"
+            return RunError(f"{prefix}: worker {', '.join(dead)} died ({why_dead})")
         stuck = describe_stuck(states, self.layout, pending.replica, pending.step_key,
                                self._where)
         return RunError(f"{prefix}: {stuck}; collective timeout {self.timeout_s:g} s")
