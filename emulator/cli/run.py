@@ -58,9 +58,9 @@ def simulate(config_file, outdir, no_fast_forward, **values):
 def emulate(config_file, outdir, checkpoint_interval_s, dashboard, **values):
     """Emulate a trace on Ray workers: real collectives, real KV blocks, delayed compute.
 
-    A failed rank, a collective that times out (--timeout-s), an unreachable --address or
-    Ctrl-C ends the run with one line naming what failed; the finished work stays in the
-    output directory with complete=false in summary.json."""
+    A failed rank, a collective that times out (--timeout-s), an unreachable --address,
+    Ctrl-C or SIGTERM ends the run with one line naming what failed; the finished work stays
+    in the output directory with complete=false in summary.json."""
     from emulator.build import build_run
     from emulator.runtime.executor import emulate as run
 
@@ -70,6 +70,10 @@ def emulate(config_file, outdir, checkpoint_interval_s, dashboard, **values):
     kept = {"steps": 0, "requests": 0}
 
     def write_partial(tables, exc=None):
+        if isinstance(exc, KeyboardInterrupt):
+            exc = "interrupted (Ctrl-C)"
+        elif isinstance(exc, SystemExit) and exc.code == signal.SIGTERM:
+            exc = "terminated (SIGTERM)"
         kept["steps"] = int((tables.steps["stage"].to_numpy() == 0).sum())  # one per plan
         kept["requests"] = int(np.isfinite(tables.requests["finish_s"].to_numpy()).sum())
         writer.flush_partial(requests=tables.requests, steps=tables.steps,
