@@ -47,6 +47,10 @@ class ClusterUnreachableError(UserError, ConnectionError):
     """The Ray cluster address given by the user cannot be reached."""
 
 
+class DashboardError(UserError, RuntimeError):
+    """The Ray dashboard was asked for but cannot start."""
+
+
 class PlacementError(UserError, RuntimeError):
     """The cluster has not got the resources the parallel layout needs."""
 
@@ -121,7 +125,14 @@ def start_ray(address: str | None, *, num_cpus: int | None = None,
     if include_dashboard:
         common["dashboard_host"] = LOCAL_HOST
     if address is None:
-        ray.init(num_cpus=num_cpus, _node_ip_address=LOCAL_HOST, **common)
+        try:
+            ray.init(num_cpus=num_cpus, _node_ip_address=LOCAL_HOST, **common)
+        except Exception as exc:
+            if include_dashboard and "dashboard" in str(exc):
+                raise DashboardError(
+                    f"cannot start the Ray dashboard ({str(exc).splitlines()[0]}); install "
+                    "ray[default] with the same Ray version, or drop --dashboard") from None
+            raise
     else:
         try:
             ray.init(address=address, **common)

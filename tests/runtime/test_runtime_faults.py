@@ -248,3 +248,22 @@ def test_interrupt_keeps_checkpointed_and_finished_work(tmp_path):
     assert num_finished == int(match[2]) < 40
     assert summary["extra"]["control"]["num_checkpoints"] >= 1
     _assert_nothing_left(tag)
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(120)
+def test_dashboard_without_its_packages_is_a_clear_error(tmp_path):
+    try:
+        import aiohttp  # noqa: F401  (a ray[default] dependency of the dashboard)
+    except ImportError:
+        pass
+    else:
+        pytest.skip("dashboard packages installed: its 127.0.0.1 binding is checked by hand")
+    tag = uuid.uuid4().hex
+    result = _run(_emulate_cmd(tmp_path / "out", "--max-requests", "2", "--dashboard"),
+                  _env(tag))
+    assert result.returncode == 2
+    line = _error_line(result.stderr, "error: ")
+    assert line.startswith("error: cannot start the Ray dashboard (")
+    assert line.endswith("install ray[default] with the same Ray version, or drop --dashboard")
+    _assert_nothing_left(tag)
