@@ -18,8 +18,8 @@ For each case:
   - reference (ii): a bare-Python floor, a heapq push/pop loop over as many events as the
     run handled (same 5-tuple events as the engine), in events per second.
 
-"Events" are the engine's heap events (step/run completions and scheduling wake-ups, read
-from Simulation._seq) plus the arrivals, which the engine merges without the heap.
+"Events" are the engine's heap events (step/run completions and scheduling wake-ups) plus
+the arrivals, which the engine merges without the heap (Simulation.num_events).
 Decode tokens are the sum of steps.num_decode_tokens (recomputed tokens after a preemption
 count as prefill). Peak memory is the tracemalloc peak (Python and numpy allocations)
 during the simulation, excluding the trace load, measured in a separate, untimed pass
@@ -103,7 +103,7 @@ def simulate_once(setup: RunSetup, *, fast_forward: bool, label: str,
     finish = req_table.column("finish_s").to_numpy()
     arrival = req_table.column("arrival_s").to_numpy()
     return Measure(label=label, num_requests=req_table.num_rows, wall_s=wall_s,
-                   num_events=sim._seq + req_table.num_rows,  # heap events + arrivals
+                   num_events=sim.num_events,  # heap events + arrivals
                    num_steps=steps.num_rows,
                    num_decode_tokens=int(np.sum(steps.column("num_decode_tokens").to_numpy())),
                    drain_time_s=float(np.nanmax(finish) - arrival.min()), peak_bytes=peak)

@@ -75,7 +75,8 @@ def _head_admissible(s: Scheduler, free_blocks: int) -> bool:
         n = budget
     need = -(-(num_hit + n) // cfg.block_size) - hits.size
     need += int((kv.pool.ref_cnt[hits] == 0).sum()) if hits.size else 0
-    return need <= free_blocks
+    # The admission watermark (Scheduler._fits; decodes are running, so it applies).
+    return need + s.watermark_blocks <= free_blocks
 
 
 def horizon(s: Scheduler, max_steps: int) -> int:

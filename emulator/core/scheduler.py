@@ -3,18 +3,42 @@ semantics, FCFS), vectorized over the running set.
 
 Each ``schedule`` call forms one :class:`BatchPlan`:
 
-1. Running requests not in an in-flight plan, oldest first, each get its missing tokens
-   (1 for a decode, a chunk for an unfinished prefill) while the token budget lasts. When the
-   pool cannot supply a request's new blocks, the newest running request not in flight is
-   preempted (recompute: its blocks are freed, its computed tokens reset, it goes to the
-   *front* of the waiting queue) until the request fits or is itself the victim.
-2. If nobody was preempted, waiting requests are admitted in order while ``max_num_seqs``,
+1. Running requests of the plan's slot, oldest first, each get their missing tokens (1 for
+   a decode, a chunk for an unfinished prefill) while the token budget lasts. When the pool
+   cannot supply a request's new blocks, the slot's newest running request is preempted
+   (recompute: its blocks are freed, its computed tokens reset, it goes to the *front* of
+   the waiting queue) until the request fits or is itself the victim.
+2. If nobody was preempted, waiting requests are admitted in order while the slot's seats,
    the token budget and free blocks allow (prefix hits first); no preemption to admit.
 
 ``num_computed_tokens`` advances when a plan is formed (as in vLLM v1); tokens are sampled
-and requests finish in :meth:`Scheduler.on_plan_done`. With pipeline parallelism up to
-``num_micro_batches`` plans are in flight and a request is in at most one of them, so a
-KV-limited running set yields fewer or smaller micro-batches (pipeline bubbles).
+and requests finish in :meth:`Scheduler.on_plan_done`.
+
+Pipeline parallelism (``num_micro_batches`` = pp > 1) follows vLLM v0's virtual engines,
+one per micro-batch slot, so that pp micro-batches are in flight whenever the requests and
+the KV cache allow it:
+
+- A running request belongs to one slot, chosen at admission: a plan of slot m admits while
+  m holds fewer than its equal share ``ceil((running + waiting) / pp)`` of the replica's
+  requests, so new requests go to the least-loaded slots. Only slot m's plans schedule (and
+  preempt) slot m's requests; a preempted request loses its slot and gets one again when it
+  is re-admitted. Idle slots are interchangeable: asked for an empty slot while another idle
+  slot holds requests, the scheduler swaps the two slots' requests (neither is in flight),
+  so ``schedule`` returns None only when no idle slot can run anything.
+- ``max_num_seqs`` and ``max_num_batched_tokens`` apply per slot (per micro-batch), as each
+  vLLM v0 virtual engine has its own scheduler with the full scheduler config: a replica runs
+  up to ``pp * max_num_seqs`` requests. The KV pool is shared by the slots (vLLM v0 splits it
+  evenly, ``num_gpu_blocks // pp``; sharing lets one slot use what another does not need).
+- Admission keeps ``watermark`` of the pool free after allocating (vLLM v0's
+  ``BlockSpaceManager`` watermark, default 0.01 with PP) and, as v0's ``can_allocate`` does,
+  needs room for the request's whole known sequence (prompt + generated tokens), not only its
+  first chunk. Without these, the blocks a preemption frees in one slot go straight to
+  re-admitting the victim in the next slot, whose next chunk preempts again (thrashing).
+  With pp == 1 the default watermark is 0 and admission needs room for the chunk only (vLLM
+  v1, which has no watermark).
+
+So a KV-limited replica forms fewer or smaller micro-batches (pipeline bubbles), and with
+ample KV every slot carries a share of the requests.
 
 A request that can never be served is rejected on arrival rather than livelocking: it needs
 more blocks than the pool has for ``prompt + output - 1`` tokens, or (without chunked prefill)
@@ -42,7 +66,7 @@ _EMPTY = np.empty(0, np.int64)
 
 
 class SchedulerConfig(BaseModel):
-    """Scheduler knobs, named and defaulted as in vLLM v1."""
+    """Scheduler knobs, named and defaulted as in vLLM v1 (v0 for pipeline parallelism)."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -54,6 +78,7 @@ class SchedulerConfig(BaseModel):
     enable_prefix_caching: bool = Field(True, description="Reuse cached KV blocks of equal prompt prefixes (needs prefix_block_hashes in the trace).")
     hash_block_tokens: int | None = Field(None, ge=1, description="Tokens per entry of the trace's prefix_block_hashes (Mooncake: 512); a multiple of block_size; default block_size.")
     record_slots: bool = Field(False, description="Fill BatchPlan.new_slot_ids (the emulator writes real KV rows there).")
+    watermark: float | None = Field(None, ge=0.0, lt=1.0, description="Fraction of the KV blocks an admission must leave free (vLLM v0 watermark); default 0 without pipeline parallelism (vLLM v1) and 0.01 with it (vLLM v0).")
 
     @model_validator(mode="after")
     def _check(self) -> SchedulerConfig:
@@ -88,8 +113,13 @@ class Scheduler:
                             enable_prefix_caching=config.enable_prefix_caching)
         self._running = _EMPTY  # int64: running requests, oldest admission first
         self._waiting: deque[int] = deque()
-        self._in_flight = np.zeros(len(requests), bool)
+        self._slot = np.zeros(len(requests), np.int64)  # micro-batch slot of each running request
         self._plans: dict[int, BatchPlan] = {}  # micro-batch slot -> plan in flight
+        wm = config.watermark if config.watermark is not None else (0.01 if num_micro_batches > 1 else 0.0)
+        self.watermark_blocks = int(wm * num_kv_blocks)
+        """Blocks an admission leaves free (vLLM v0: ``int(watermark * num_gpu_blocks)``)."""
+        # vLLM v0 (the PP engine) allocates a request's whole known sequence on admission.
+        self._admit_whole = num_micro_batches > 1
         self.num_steps = 0
         """Plans formed so far (the next plan's ``step``)."""
         self.num_preemptions_total = 0
@@ -136,6 +166,10 @@ class Scheduler:
     def running_requests(self) -> np.ndarray:
         """int64: running request indices, oldest admission first (a copy)."""
         return self._running.copy()
+
+    def running_slots(self) -> np.ndarray:
+        """int64: micro-batch slot of each running request, in running order (all 0 at pp 1)."""
+        return self._slot[self._running]
 
     def waiting_requests(self) -> np.ndarray:
         """int64: waiting request indices in queue order."""
@@ -186,7 +220,9 @@ class Scheduler:
         self._version += 1
         num_preempted = 0
         while True:
-            reqs, num_new, ctx, preempted = self._schedule_once()
+            if self.num_micro_batches > 1:
+                self._take_idle_slot(micro_batch)
+            reqs, num_new, ctx, preempted = self._schedule_once(micro_batch)
             num_preempted += preempted
             # A step whose only candidate preempted itself is empty: form the next one now
             # (vLLM would run an empty step); it cannot preempt again.
@@ -197,7 +233,6 @@ class Scheduler:
         r = self.requests
         out = r.num_output_tokens[reqs]
         is_decode = (num_new == 1) & (ctx == r.prompt_tokens[reqs] + out - 1) & (out >= 1)
-        self._in_flight[reqs] = True
         plan = BatchPlan(
             replica=self.replica, step=self.num_steps, micro_batch=micro_batch,
             request_ids=r.request_id[reqs].tolist(), request_index=reqs,
@@ -208,10 +243,21 @@ class Scheduler:
         self.num_steps += 1
         return plan
 
-    def _schedule_once(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    def _take_idle_slot(self, m: int) -> None:
+        """If slot m holds no running request, take over the requests of the lowest idle slot
+        that holds some (idle slots are interchangeable: neither is in flight)."""
+        slots = self._slot[self._running]
+        if (slots == m).any():
+            return
+        for k in range(self.num_micro_batches):
+            if k != m and k not in self._plans and (slots == k).any():
+                self._slot[self._running[slots == k]] = m
+                return
+
+    def _schedule_once(self, m: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
         r, cfg = self.requests, self.config
         running = self._running
-        cand = running[~self._in_flight[running]] if self._plans else running
+        cand = running[self._slot[running] == m] if self.num_micro_batches > 1 else running
         budget = cfg.max_num_batched_tokens
         num_sched, preempted = 0, 0
         num_new = ctx = _EMPTY
@@ -236,7 +282,7 @@ class Scheduler:
             budget -= int(num_new.sum())
         reqs = cand[:num_sched]
         if not preempted and self._waiting and budget > 0:
-            adm, adm_new, adm_ctx = self._admit(budget)
+            adm, adm_new, adm_ctx = self._admit(budget, m)
             if adm.size:
                 reqs = np.concatenate([reqs, adm])
                 num_new = np.concatenate([num_new, adm_new])
@@ -276,13 +322,40 @@ class Scheduler:
         self.num_preemptions_total += 1
         self._waiting.appendleft(req)
 
-    def _admit(self, budget: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Admit waiting requests in order while seats, budget and blocks last."""
+    def _seats(self, m: int) -> int:
+        """Requests slot m may admit now: its free seats (``max_num_seqs`` per slot) and, with
+        PP, what keeps it within its equal share of the replica's requests."""
+        num_running = int(self._running.size)
+        if self.num_micro_batches == 1:
+            return self.config.max_num_seqs - num_running
+        pp = self.num_micro_batches
+        mine = int((self._slot[self._running] == m).sum())
+        share = -(-(num_running + len(self._waiting)) // pp)
+        return min(self.config.max_num_seqs, share) - mine
+
+    def _fits(self, req: int, hits: np.ndarray, num_tokens: int, alone: bool) -> bool:
+        """Whether admitting ``req`` with ``num_tokens`` new tokens leaves the watermark free,
+        with PP counting its whole known sequence (vLLM v0 ``can_allocate``). The watermark
+        is waived for a request that would run ``alone``, so one that fits the empty pool is
+        never stuck (vLLM v0 would abort it)."""
+        if self._admit_whole:
+            num_tokens = int(self.requests.prompt_tokens[req] + self.requests.num_output_tokens[req]) \
+                - hits.size * self.config.block_size
+        if not self.watermark_blocks and not self._admit_whole:
+            return True  # allocate_slots checks the chunk itself
+        kv = self.kv
+        need = -(-num_tokens // kv.block_size)
+        need += int((kv.pool.ref_cnt[hits] == 0).sum()) if hits.size else 0
+        margin = 0 if alone else self.watermark_blocks
+        return kv.pool.num_free - need >= margin
+
+    def _admit(self, budget: int, m: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Admit waiting requests into slot m in order while seats, budget and blocks last."""
         r, cfg, kv = self.requests, self.config, self.kv
         adm: list[int] = []
         adm_new: list[int] = []
         adm_ctx: list[int] = []
-        seats = cfg.max_num_seqs - int(self._running.size)
+        seats = self._seats(m)
         while self._waiting and len(adm) < seats and budget > 0:
             req = self._waiting[0]
             hits = kv.get_computed_blocks(req)
@@ -292,7 +365,8 @@ class Scheduler:
                 if not cfg.enable_chunked_prefill:
                     break
                 n = budget
-            if kv.allocate_slots(req, n, hits) is None:
+            alone = not adm and not self._running.size
+            if not self._fits(req, hits, n, alone) or kv.allocate_slots(req, n, hits) is None:
                 break
             self._waiting.popleft()
             r.status[req] = Status.RUNNING
@@ -304,6 +378,7 @@ class Scheduler:
         if not adm:
             return _EMPTY, _EMPTY, _EMPTY
         a = np.asarray(adm, np.int64)
+        self._slot[a] = m
         self._running = np.concatenate([self._running, a])
         return a, np.asarray(adm_new, np.int64), np.asarray(adm_ctx, np.int64)
 
@@ -317,7 +392,6 @@ class Scheduler:
         self._version += 1
         r = self.requests
         idx = plan.request_index
-        self._in_flight[idx] = False
         sampled = idx[r.num_computed_tokens[idx] == r.prompt_tokens[idx] + r.num_output_tokens[idx]]
         r.num_output_tokens[sampled] += 1
         first = sampled[np.isnan(r.first_token_s[sampled])]

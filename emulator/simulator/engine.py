@@ -222,6 +222,12 @@ class Simulation:
         self._next_arrival = 0
 
     # ---- event plumbing -------------------------------------------------------------------
+    @property
+    def num_events(self) -> int:
+        """Heap events so far plus the arrivals processed (merged from the trace without
+        going through the heap); after :meth:`run`, every event of the run."""
+        return self._seq + self._next_arrival
+
     def _push(self, time_s: float, kind: int, replica: int, payload=None) -> None:
         self._seq += 1
         heapq.heappush(self._heap, (time_s, self._seq, kind, replica, payload))
