@@ -52,6 +52,8 @@ class RunConfig(BaseModel):
     backend: Literal["auto", "gloo", "nccl"] = Field("auto", description="torch.distributed backend (auto: nccl with GPUs, else gloo).")
     address: str | None = Field(None, description="Ray cluster to join ('auto' or HOST:PORT); default: an embedded local Ray.")
     timeout_s: float = Field(60.0, gt=0, description="Timeout of every rendezvous and collective, seconds.")
+    delay_mode: Literal["auto", "sleep", "spin"] = Field(
+        "auto", description="How workers wait out compute delays: spin (keeps the CPU awake, so a following collective is not slowed by a wake-up), sleep, or auto (spin when every rank has a core).")
 
     @model_validator(mode="after")
     def _check(self) -> "RunConfig":

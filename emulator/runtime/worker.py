@@ -40,7 +40,7 @@ import torch.distributed as dist
 
 from emulator.core.routing import route
 from emulator.core.work import StageWork
-from emulator.runtime.delay import CudaStreamDelay, precise_sleep
+from emulator.runtime.delay import SPIN_S, CudaStreamDelay, precise_sleep, spin_for
 from emulator.runtime.groups import TimedCollectives, init_process_groups, rank_topology
 from emulator.runtime.ray_setup import LayoutLike
 from emulator.runtime.records import COMPUTE_KINDS, NO_LAYER, CollectiveState, StepRecords
@@ -85,6 +85,20 @@ class AllocationReport:
     """Rows (slots) of the KV pool: kv_num_blocks x kv_block_size_tokens."""
 
 
+def _normal_priority() -> int:
+    """Run this rank at normal CPU priority if allowed; return the niceness it runs at.
+
+    Ray starts worker processes at nice 15 (RAY_worker_niceness), so on a busy host any
+    other process preempts a rank that wakes from a compute delay, and a collective right
+    after a delay waits milliseconds for the peer to be scheduled. Lowering the niceness needs
+    CAP_SYS_NICE (root); without it the rank keeps Ray's value and the summary shows it."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, 0, 0)
+    except (PermissionError, OSError):
+        pass
+    return os.getpriority(os.PRIO_PROCESS, 0)
+
+
 @ray.remote(concurrency_groups={"control": 1})
 class Worker:
     """One emulated GPU. ``layout`` is a ParallelLayout (see ray_setup.LayoutLike)."""
@@ -94,6 +108,7 @@ class Worker:
         if backend not in ("gloo", "nccl"):
             raise ValueError(f"backend must be 'gloo' or 'nccl', got {backend!r}")
         os.environ.update(env or {})  # before torch.distributed reads GLOO_SOCKET_IFNAME
+        self.niceness = _normal_priority()
         self.rank = rank
         self.layout = layout
         self.backend = backend
@@ -110,6 +125,7 @@ class Worker:
             self._device = torch.device("cpu")
             self._delay = precise_sleep
             self._synchronize = lambda: None
+        self.spin_s = SPIN_S
         self._coll = TimedCollectives(rank, {}, self._device, self._now, self._synchronize)
         self._groups: dict = {}
         self._weights: list[torch.Tensor] = []
@@ -354,6 +370,14 @@ class Worker:
         return times
 
     # -- control --------------------------------------------------------------------------
+    def set_delay_mode(self, mode: str, ranks_on_node: int) -> float:
+        """Choose how compute delays are waited (delay.spin_for); returns the spun tail."""
+        self.spin_s = spin_for(mode, ranks_on_node, os.cpu_count() or 1)
+        if self.backend != "nccl":
+            spin_s = self.spin_s
+            self._delay = lambda seconds: precise_sleep(seconds, spin_s)
+        return self.spin_s
+
     @ray.method(concurrency_group="control")
     def ping(self) -> int:
         return self.rank
