@@ -8,6 +8,7 @@ import pytest
 
 from emulator.build import build_run
 from emulator.config import build_config
+from emulator.simulator.engine import Simulation
 from emulator.simulator.run import simulate
 from emulator.trace.io import write_trace
 from emulator.trace.synth import synth_trace
@@ -96,3 +97,29 @@ def test_dp_replicas_are_independent_and_drain_is_slowest(trace_path):
     finish = req["finish_s"].to_numpy()
     per_replica_last = [finish[replica == r].max() for r in (0, 1)]
     assert finish.max() == max(per_replica_last)
+
+
+def test_pipeline_with_ample_kv_keeps_every_micro_batch_in_flight(tmp_path):
+    # 16 equal requests on pp=4 with a nearly empty KV cache: each slot gets 4 of them and
+    # the slots take turns, so 4 micro-batches are in flight at once (no bubbles but the
+    # pipeline fill and the tail).
+    trace = synth_trace(num_requests=16, lengths="fixed", arrival="batch", prompt_tokens=100,
+                        output_tokens=50, seed=0)
+    path = write_trace(trace, tmp_path / "fixed.arrow")
+    setup = build_run(build_config(trace=path, model="llama-3.1-8b", hardware="h200", pp=4))
+    requests = setup.new_requests()
+    sim = Simulation(requests, setup.new_schedulers(requests), setup.new_router(), setup.cost)
+    sim.run()
+    steps = sim.steps.to_table()
+    first = steps["stage"].to_numpy() == 0
+    order = np.argsort(steps["start_s"].to_numpy()[first], kind="stable")
+    slot = steps["micro_batch"].to_numpy()[first][order]
+    start = steps["start_s"].to_numpy()[first][order]
+    last = steps["stage"].to_numpy() == 3
+    end = steps["end_s"].to_numpy()[last][np.argsort(steps["start_s"].to_numpy()[first], kind="stable")]
+    assert np.bincount(slot).tolist() == [50, 50, 50, 50]  # a prefill and 49 decodes each
+    assert slot.tolist() == [0, 1, 2, 3] * 50
+    assert (steps["num_requests"].to_numpy() == 4).all()
+    # When a plan enters stage 0, the 3 plans before it are still in the pipeline.
+    assert all((end[k - 3:k] > start[k]).all() for k in range(3, slot.size))
+    assert sim.num_events == sim._seq + 16 > 200  # heap events (>= 1 per plan) + arrivals
