@@ -29,13 +29,13 @@ the KV cache allow it:
   vLLM v0 virtual engine has its own scheduler with the full scheduler config: a replica runs
   up to ``pp * max_num_seqs`` requests. The KV pool is shared by the slots (vLLM v0 splits it
   evenly, ``num_gpu_blocks // pp``; sharing lets one slot use what another does not need).
-- Admission keeps ``watermark`` of the pool free after allocating (vLLM v0's
-  ``BlockSpaceManager`` watermark, default 0.01 with PP) and, as v0's ``can_allocate`` does,
-  needs room for the request's whole known sequence (prompt + generated tokens), not only its
-  first chunk. Without these, the blocks a preemption frees in one slot go straight to
-  re-admitting the victim in the next slot, whose next chunk preempts again (thrashing).
-  With pp == 1 the default watermark is 0 and admission needs room for the chunk only (vLLM
-  v1, which has no watermark).
+- Admission needs room for the request's whole known sequence (prompt + generated tokens),
+  as v0's ``can_allocate`` does, not only for its first chunk, and keeps ``watermark`` of the
+  pool free (v0's default 0.01). Admitting a preempted request's first chunk let the next
+  slot re-admit every victim at once, and its next chunk preempted again (thrashing: 300
+  recomputed tokens per output token for 405B at PP=8); the whole-sequence rule stops it.
+  With pp == 1 admission needs room for the chunk only and the default watermark is 0
+  (vLLM v1 has none), as before.
 
 So a KV-limited replica forms fewer or smaller micro-batches (pipeline bubbles), and with
 ample KV every slot carries a share of the requests.
