@@ -15,9 +15,10 @@ from emulator.errors import ConfigError
 
 
 def probe_host(world: int, profile: CommProfile, *, address: str | None = None,
-               timeout_s: float = 60.0) -> HostOverhead:
+               timeout_s: float = 60.0, delay_mode: str = "auto") -> HostOverhead:
     """Start ``world`` workers (TP over all of them) and measure the host overheads against
-    ``profile``'s lines."""
+    ``profile``'s lines, with compute delays waited as an emulation with ``delay_mode``
+    waits them (the overheads differ a lot between spinning and sleeping ranks)."""
     from emulator.calibrate.host import measure_host_overhead
     from emulator.runtime.cluster import WorkerGroup
     from emulator.runtime.ray_setup import start_ray
@@ -25,6 +26,8 @@ def probe_host(world: int, profile: CommProfile, *, address: str | None = None,
 
     with start_ray(address):
         with WorkerGroup(ParallelLayout(tp=world), backend="gloo", timeout_s=timeout_s) as g:
+            g.get([actor.set_delay_mode.remote(delay_mode, world) for actor in g.actors],
+                  timeout_s, "set the delay mode")
             return measure_host_overhead(
                 g, lambda op, b: profile.time_s(op, world, "intra", b))
 
