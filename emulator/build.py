@@ -130,7 +130,7 @@ def build_run(config: RunConfig, *, record_slots: bool = False) -> RunSetup:
     scheduler_config = SchedulerConfig(
         max_num_seqs=config.max_num_seqs, max_num_batched_tokens=config.max_num_batched_tokens,
         block_size=config.block_size, enable_chunked_prefill=config.enable_chunked_prefill,
-        record_slots=record_slots)
+        watermark=config.kv_watermark, record_slots=record_slots)
     trace = load_run_trace(config)
     return RunSetup(config=config, trace=trace, model=model, hardware=hardware, layout=layout,
                     memory=memory, cost=cost, scheduler_config=scheduler_config,

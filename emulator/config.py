@@ -33,6 +33,7 @@ class RunConfig(BaseModel):
     max_num_batched_tokens: int = Field(8192, ge=1, description="Token budget per step (vLLM max_num_batched_tokens).")
     block_size: int = Field(16, ge=1, description="KV block size in tokens.")
     enable_chunked_prefill: bool = Field(True, description="Split long prompts across steps within the token budget.")
+    kv_watermark: float | None = Field(None, ge=0, lt=1, description="Fraction of KV blocks an admission must leave free (vLLM v0 watermark); default 0 without PP, 0.01 with PP.")
     gpu_memory_utilization: float = Field(0.9, gt=0, le=1, description="Fraction of HBM for weights + KV cache + activations.")
     router: Literal["round_robin", "least_outstanding", "least_kv"] = Field(
         "least_outstanding", description="How requests are assigned to DP replicas.")

@@ -17,7 +17,8 @@ from emulator.config import RunConfig
 
 COMMON_FIELDS = (
     "trace", "model", "hardware", "dp", "tp", "pp", "ep", "attention_dp", "max_num_seqs",
-    "max_num_batched_tokens", "block_size", "enable_chunked_prefill", "gpu_memory_utilization",
+    "max_num_batched_tokens", "block_size", "enable_chunked_prefill", "kv_watermark",
+    "gpu_memory_utilization",
     "router", "comm_profile", "max_requests", "max_output_tokens",
     "expert_skew", "zipf_s", "expert_popularity", "routing_seed", "dispatch_dtype",
     "eplb_redundant_experts",
