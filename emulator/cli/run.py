@@ -25,12 +25,17 @@ def _config(config_file, values):
     return cfg
 
 
+_report_option = click.option(
+    "--report", is_flag=True, help="Also write OUTDIR/report.html (plots, opens offline).")
+
+
 @click.command()
 @config_options(COMMON_FIELDS)
 @click.option("-o", "--output", "outdir", type=click.Path(path_type=Path), required=True,
               help="Output directory (created; tables and summary.json are written atomically).")
 @click.option("--no-fast-forward", is_flag=True, help="Step every decode instead of fast-forwarding steady runs (for checking).")
-def simulate(config_file, outdir, no_fast_forward, **values):
+@_report_option
+def simulate(config_file, outdir, no_fast_forward, report, **values):
     """Simulate a trace on a layout with the cost model (no Ray, seconds for whole traces)."""
     from emulator.build import build_run
     from emulator.simulator.run import simulate as run
@@ -42,7 +47,7 @@ def simulate(config_file, outdir, no_fast_forward, **values):
         tables = run(setup, on_progress=advance, fast_forward=not no_fast_forward)
     summary = writer.finish(requests=tables.requests, steps=tables.steps, mode="simulate",
                             config=cfg, extra=tables.extra)
-    _print(summary, outdir)
+    _print(summary, outdir, report)
 
 
 @click.command()
@@ -55,7 +60,8 @@ def simulate(config_file, outdir, no_fast_forward, **values):
                    "interrupted run keeps what it measured.")
 @click.option("--dashboard", is_flag=True,
               help="Start the Ray dashboard (on 127.0.0.1) with the local Ray; off by default.")
-def emulate(config_file, outdir, checkpoint_interval_s, dashboard, **values):
+@_report_option
+def emulate(config_file, outdir, checkpoint_interval_s, dashboard, report, **values):
     """Emulate a trace on Ray workers: real collectives, real KV blocks, delayed compute.
 
     A failed rank, a collective that times out (--timeout-s), an unreachable --address,
@@ -79,7 +85,7 @@ def emulate(config_file, outdir, checkpoint_interval_s, dashboard, **values):
         writer.flush_partial(requests=tables.requests, steps=tables.steps,
                              collectives=tables.collectives, mode="emulate", config=cfg,
                              nodes=tables.extra.pop("nodes", None), extra=tables.extra,
-                             error=exc)
+                             error=exc, moe=tables.moe)
 
     def kept_note() -> str:
         return (f"kept {kept['steps']} finished step(s) and {kept['requests']} finished "
@@ -104,12 +110,17 @@ def emulate(config_file, outdir, checkpoint_interval_s, dashboard, **values):
         raise click.exceptions.Exit(128 + signal.SIGTERM) from None
     summary = writer.finish(requests=tables.requests, steps=tables.steps,
                             collectives=tables.collectives, mode="emulate", config=cfg,
-                            nodes=tables.extra.pop("nodes", None), extra=tables.extra)
-    _print(summary, outdir)
+                            nodes=tables.extra.pop("nodes", None), extra=tables.extra,
+                            moe=tables.moe)
+    _print(summary, outdir, report)
 
 
-def _print(summary, outdir) -> None:
+def _print(summary, outdir, report: bool = False) -> None:
     console = Console()
+    if report:
+        from emulator.metrics.report import write_report
+
+        console.print(f"report: {write_report(outdir)}")
     console.print(summary_table(summary, title=f"{summary['mode']}: {outdir}"))
     if summary.get("extra", {}).get("num_rejected"):
         console.print(f"[yellow]{summary['extra']['num_rejected']} requests rejected[/]: "

@@ -334,9 +334,10 @@ class Emulation:
                             "driver_busy_s": st.schedule_s, "idle_s": st.idle_s,
                             "checkpoint_s": st.checkpoint_s,
                             "num_checkpoints": st.num_checkpoints}
+        moe = self.__dict__.get("moe_records")
         return RunTables(requests=request_table(self.requests).to_table(),
                          steps=self.steps.to_table(), collectives=self.collectives.finalize(),
-                         extra=extra)
+                         extra=extra, moe=moe.to_table() if moe is not None else None)
 
 
 def emulate(setup: RunSetup, *, on_progress: Callable[[int], None] | None = None,

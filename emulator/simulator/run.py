@@ -23,6 +23,8 @@ class RunTables:
     steps: pa.Table
     collectives: pa.Table | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    moe: pa.Table | None = None
+    """Per-MoE-layer EP records (emulations of MoE models with ep > 1), else None."""
 
 
 def request_table(requests: RequestTable) -> RequestRecords:
