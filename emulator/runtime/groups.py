@@ -166,16 +166,16 @@ class TimedCollectives:
 
     # -- buffers --------------------------------------------------------------------------
     def buffer(self, purpose: str, num_bytes: int) -> torch.Tensor:
-        """A cached zero tensor of exactly ``num_bytes`` (bf16 when even, else uint8).
-        Zeros stay zeros under summation, so reused buffers never overflow to inf/NaN."""
-        key = (purpose, num_bytes)
-        buf = self._buffers.get(key)
-        if buf is None:
-            buf = torch.zeros(num_bytes, dtype=torch.uint8, device=self._device)
-            if num_bytes % 2 == 0:
-                buf = buf.view(torch.bfloat16)
-            self._buffers[key] = buf
-        return buf
+        """A zero tensor of exactly ``num_bytes`` (bf16 when even, else uint8): a view of
+        one buffer per purpose, grown to the largest size asked for. (A buffer per distinct
+        size would grow without bound: every step has its own token count.) Zeros stay
+        zeros under summation, so reused buffers never overflow to inf/NaN."""
+        buf = self._buffers.get(purpose)
+        if buf is None or buf.numel() < num_bytes:
+            buf = torch.zeros(max(num_bytes, 2), dtype=torch.uint8, device=self._device)
+            self._buffers[purpose] = buf
+        view = buf[:num_bytes]
+        return view.view(torch.bfloat16) if num_bytes % 2 == 0 else view
 
     # -- ops ------------------------------------------------------------------------------
     def _run(self, op: str, axis: str, layer: int, peer: int, num_bytes: int, call) -> None:
