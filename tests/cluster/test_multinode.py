@@ -15,7 +15,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -26,6 +25,8 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
+from test_local_cluster import ports_free
+
 from emulator.runtime.ray_setup import NodeInfo, PlacementError, assign_tp_groups
 from emulator.specs.layout import ParallelLayout
 
@@ -33,7 +34,6 @@ REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "cluster" / "local-2node.sh"
 TRACE = REPO / "traces" / "azure-conv-500.arrow"
 NUM_CPUS_PER_NODE = 2
-FIXED_PORT_OFFSETS = [0, 1, 2, 3, 4, 5, 6, 11, 12, 13, 14, 15, 16]  # see local-2node.sh
 CANDIDATE_BASE_PORTS = [28190, 29190, 30190, 31190]
 BOUND_S = 90
 """Upper bound on one CLI run (Ray join, 4 workers, a 10-request trace, teardown)."""
@@ -70,14 +70,7 @@ def test_groups_skip_nodes_without_room():
 
 
 # -- the 2-node cluster ----------------------------------------------------------------
-def _ports_free(base: int) -> bool:
-    for offset in FIXED_PORT_OFFSETS:
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-            try:
-                sock.bind(("127.0.0.1", base + offset))
-            except OSError:
-                return False
-    return True
+_ports_free = ports_free  # the 2-node script's ports, shared with test_local_cluster
 
 
 def _run(args: list[str], env: dict[str, str], timeout_s: float) -> subprocess.CompletedProcess:
