@@ -74,6 +74,11 @@ def _raw_worker(rank, world, port, num_bytes, iters, delay_s, spin_s, queue):
     queue.put(times)
 
 
+def spinners_note(awake: bool) -> str:
+    from emulator.runtime.awake import cpus_available
+    return f"{cpus_available()} idle spinners" if awake else "no spinners"
+
+
 def bare_round_trip_s(iters: int = 200) -> float:
     import ray
 
@@ -103,6 +108,9 @@ def main() -> None:
     ap.add_argument("--output-tokens", type=int, default=64)
     ap.add_argument("--dilation", type=float, default=10.0)
     ap.add_argument("--delay-mode", default="auto", choices=["auto", "sleep", "spin"])
+    ap.add_argument("--keep-awake", default="auto", choices=["auto", "on", "off"],
+                    help="idle-priority spinners per CPU, in the emulation and (the same "
+                    "number) around the raw references")
     args = ap.parse_args()
 
     from rich.console import Console
@@ -123,7 +131,7 @@ def main() -> None:
                             seed=0), trace_path)
     cfg = build_config(trace=trace_path, model=args.model, hardware=args.hardware, tp=args.tp,
                        dilation=args.dilation, memory_scale=1e-3, timeout_s=60,
-                       delay_mode=args.delay_mode)
+                       delay_mode=args.delay_mode, keep_awake=args.keep_awake)
     setup = build_run(cfg, record_slots=True)
     with start_ray(None):
         rtt_s = bare_round_trip_s()
@@ -145,15 +153,23 @@ def main() -> None:
     ar_s = (col["exit_s"].to_numpy() - col["entry_s"].to_numpy())[mask] * d
     transfer_s = col["transfer_s"].to_numpy()[mask] * d
     iters = max(200, min(2000, int(mask.sum())))
-    raw_s = raw_allreduce_median_s(size, args.tp, iters)
-    # The same pattern as inside a step: each all-reduce follows a compute delay of the
-    # step's median per-collective length, waited the way the workers wait.
+    # The raw references run under the same host conditions: the same spinners, and each
+    # delayed all-reduce after a compute delay of the step's median per-collective length,
+    # waited the way the workers wait.
+    from emulator.runtime.awake import IdleSpinners, cpus_available, wants_keep_awake
     from emulator.runtime.delay import spin_for
+    awake = wants_keep_awake(args.keep_awake, "gloo")
+    spin_s = spin_for(args.delay_mode, args.tp, cpus_available(), keep_awake=awake)
     decode = steps["num_prefill_tokens"].to_numpy() == 0
     per_op_delay_s = float(np.median(steps["compute_s"].to_numpy()[decode])) * d \
         / (2 * setup.model.num_layers / setup.layout.pp)
-    spin_s = spin_for(args.delay_mode, args.tp, os.cpu_count() or 1)
-    raw_delayed_s = raw_allreduce_median_s(size, args.tp, iters, per_op_delay_s, spin_s)
+    spinners = IdleSpinners()
+    spinners.start(cpus_available() if awake else 0)
+    try:
+        raw_s = raw_allreduce_median_s(size, args.tp, iters)
+        raw_delayed_s = raw_allreduce_median_s(size, args.tp, iters, per_op_delay_s, spin_s)
+    finally:
+        spinners.stop()
 
     wall_s = emu.stats.wall_s
     busy_s = float(((steps["compute_s"].to_numpy() + steps["comm_s"].to_numpy()) * d).sum())
@@ -180,7 +196,8 @@ def main() -> None:
     t.add_row("per-step overhead", f"{overhead_s / num_steps * 1e3:.3f} ms",
               f"bare Ray round trip {rtt_s * 1e3:.3f} ms", f"{overhead_s / num_steps / rtt_s:.2f}")
     Console().print(t)
-    print(f"delay mode {args.delay_mode} (spun tail {spin_s:g} s); "
+    print(f"delay mode {args.delay_mode} (spun tail {spin_s:g} s), keep-awake "
+          f"{args.keep_awake} ({spinners_note(awake)}); "
           f"load average: {os.getloadavg()}")
 
 

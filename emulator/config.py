@@ -54,7 +54,9 @@ class RunConfig(BaseModel):
     address: str | None = Field(None, description="Ray cluster to join ('auto' or HOST:PORT); default: an embedded local Ray.")
     timeout_s: float = Field(60.0, gt=0, description="Timeout of every rendezvous and collective, seconds.")
     delay_mode: Literal["auto", "sleep", "spin"] = Field(
-        "auto", description="How workers wait out compute delays: spin (keeps the CPU awake, so a following collective is not slowed by a wake-up), sleep, or auto (spin when every rank has a core).")
+        "auto", description="How workers wait out compute delays: sleep, spin (keeps the CPU awake, so a following collective is not slowed by a wake-up, but holds a core), or auto (sleep when keep_awake is on, else spin when every rank has a core).")
+    keep_awake: Literal["auto", "on", "off"] = Field(
+        "auto", description="Run one idle-priority (SCHED_IDLE) spinner per CPU on each node while the workers live, so idle virtual CPUs do not add milliseconds of wake-up to every collective; auto: on with the gloo backend.")
 
     @model_validator(mode="after")
     def _check(self) -> "RunConfig":

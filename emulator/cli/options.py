@@ -23,7 +23,8 @@ COMMON_FIELDS = (
     "expert_skew", "zipf_s", "expert_popularity", "routing_seed", "dispatch_dtype",
     "eplb_redundant_experts",
 )
-EMULATION_FIELDS = ("dilation", "memory_scale", "backend", "address", "timeout_s", "delay_mode")
+EMULATION_FIELDS = ("dilation", "memory_scale", "backend", "address", "timeout_s", "delay_mode",
+                     "keep_awake")
 
 
 def _click_type(annotation: Any) -> Any:

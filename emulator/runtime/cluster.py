@@ -224,6 +224,15 @@ class WorkerGroup:
         return offset_s, best_rtt_s
 
     # -- memory ---------------------------------------------------------------------------
+    def set_host_mode(self, delay_mode: str = "auto", keep_awake: str = "auto") -> list[dict]:
+        """How every rank waits (Worker.set_host_mode): delays spun or slept, and the node's
+        idle-priority spinners (one per CPU, shared out among the ranks on each node)."""
+        nodes = self.node_of_rank()
+        return self.get([a.set_host_mode.remote(delay_mode, keep_awake,
+                                                nodes[:r].count(nodes[r]), nodes.count(nodes[r]))
+                         for r, a in enumerate(self.actors)],
+                        self.timeout_s, "set the host mode")
+
     def allocate(self, weight_shapes: list[tuple[int, ...]], kv_num_blocks: int,
                  kv_block_elems: int, memory_scale: float, *,
                  kv_block_size_tokens: int = 16,

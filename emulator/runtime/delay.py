@@ -37,17 +37,20 @@ def precise_sleep(seconds: float, spin_s: float = SPIN_S) -> float:
     return time.perf_counter() - start
 
 
-def spin_for(mode: str, ranks_on_node: int, cpus_on_node: int) -> float:
+def spin_for(mode: str, ranks_on_node: int, cpus_on_node: int,
+             keep_awake: bool = False) -> float:
     """The spun tail of every delay for a delay mode.
 
     ``sleep``: sleep, spin the last SPIN_S. ``spin``: spin the whole delay. A rank that
     sleeps lets its (virtual) CPU go idle, and waking it costs the next collective
     milliseconds on a VM (measured here: a 256 KiB gloo all-reduce takes ~0.35 ms back to
-    back, ~2 ms right after a sleep, ~0.8 ms after a spin), so spinning keeps collective
-    times closer to a GPU node's, at the price of a busy core per rank. ``auto`` spins when
-    the node has a core for every rank on it, and sleeps otherwise (spinning ranks would then
-    starve each other)."""
-    if mode == "spin" or (mode == "auto" and ranks_on_node <= cpus_on_node):
+    back, ~2 ms right after a sleep, ~0.8 ms after a spin). Idle-priority spinners
+    (runtime.awake, ``keep_awake``) remove that cost without taking a core from the ranks,
+    and then sleeping is best: a spinning rank holds the core its peer's communication
+    threads need. ``auto``: sleep with ``keep_awake``; otherwise spin when the node has a core
+    for every rank on it, and sleep when it has not (spinning ranks would starve each
+    other)."""
+    if mode == "spin" or (mode == "auto" and not keep_awake and ranks_on_node <= cpus_on_node):
         return float("inf")
     if mode in ("sleep", "auto"):
         return SPIN_S

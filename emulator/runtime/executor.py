@@ -90,12 +90,10 @@ class Emulation:
     # ---- set-up -------------------------------------------------------------------------
     def allocate(self) -> list:
         """Weight shards and the KV pool on every rank (real tensors x memory_scale), and
-        the delay mode (spin or sleep, from the number of ranks sharing each node)."""
+        how the ranks wait (delays spun or slept, idle-priority spinners; see
+        WorkerGroup.set_host_mode)."""
         setup, cfg = self.setup, self.setup.config
-        nodes = self.group.node_of_rank()
-        self.group.get([actor.set_delay_mode.remote(cfg.delay_mode, nodes.count(nodes[rank]))
-                        for rank, actor in enumerate(self.group.actors)],
-                       cfg.timeout_s, "set the delay mode")
+        self.group.set_host_mode(cfg.delay_mode, cfg.keep_awake)
         return self.group.allocate(
             [], setup.memory.num_kv_blocks,
             setup.memory.kv_bytes_per_block_per_rank // ELEMENT_BYTES, cfg.memory_scale,

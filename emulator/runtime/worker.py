@@ -40,6 +40,7 @@ import torch.distributed as dist
 
 from emulator.core.routing import route
 from emulator.core.work import StageWork
+from emulator.runtime.awake import IdleSpinners, cpus_available, spinners_for, wants_keep_awake
 from emulator.runtime.delay import SPIN_S, CudaStreamDelay, precise_sleep, spin_for
 from emulator.runtime.groups import TimedCollectives, init_process_groups, rank_topology
 from emulator.runtime.ray_setup import LayoutLike
@@ -126,6 +127,7 @@ class Worker:
             self._delay = precise_sleep
             self._synchronize = lambda: None
         self.spin_s = SPIN_S
+        self._spinners = IdleSpinners()
         self._coll = TimedCollectives(rank, {}, self._device, self._now, self._synchronize)
         self._groups: dict = {}
         self._weights: list[torch.Tensor] = []
@@ -315,68 +317,94 @@ class Worker:
 
     # -- microbenchmark ---------------------------------------------------------------------
     def bench_collective(self, op: str, num_bytes: int, num_iters: int, num_warmup: int = 2,
-                         axis: str = "world", sender_delay_s: float = 0.0) -> np.ndarray:
+                         axis: str = "world", p2p_delay_s: float = 0.0,
+                         delay_receiver: bool = False) -> np.ndarray:
         """Time ``num_iters`` calls of ``op`` over the ``axis`` group (``emulator bench``).
 
         ``num_bytes`` follows nccl-tests' "size": all_reduce the buffer, all_gather the
         gathered output, all_to_all each rank's send buffer, send_recv the message (group
         index 0 sends to index 1, other ranks only join the barriers). Every iteration starts
         with a barrier so the ranks enter together, as after a step's previous collective;
-        ``sender_delay_s`` (send_recv only) delays the sender after it, so the receiver idles
-        in its recv as a pipeline stage does. Returns float64 [num_iters, 2]: (entry_s, exit_s) per iteration on the driver clock.
-        Must run concurrently on every rank of the group; buffers are freed on return.
+        ``p2p_delay_s`` (send_recv only) delays the sender after it, so the receiver idles
+        in its recv as a pipeline stage waiting for activations does; with
+        ``delay_receiver`` the receiver is delayed instead, and the sender idles in its send
+        (gloo's send waits for the receiver to post its recv, as a stage whose successor is
+        still busy with the previous micro-batch does). Returns float64 [num_iters, 2]: (entry_s,
+        exit_s) per iteration on the driver clock. Must run concurrently on every rank of
+        the group; buffers are freed on return.
         """
+        return self.bench_sizes(op, [num_bytes], [num_iters], num_warmup, axis,
+                                p2p_delay_s, delay_receiver)[0]
+
+    def bench_sizes(self, op: str, sizes: list[int], num_iters: list[int],
+                    num_warmup: int = 2, axis: str = "world", p2p_delay_s: float = 0.0,
+                    delay_receiver: bool = False) -> list[np.ndarray]:
+        """:meth:`bench_collective` over several sizes, round robin: round i times every size
+        j with ``num_iters[j] > i`` once, so a burst of load elsewhere on the host spreads
+        over all sizes instead of skewing one. Returns one [num_iters[j], 2] array per size."""
         group = self._groups.get(axis) if axis != "world" else None
         if axis != "world" and group is None:
             raise ValueError(f"rank {self.rank} has no '{axis}' group")
+        if op not in ("all_reduce", "all_gather", "all_to_all", "send_recv"):
+            raise ValueError(f"op must be all_reduce, all_gather, all_to_all or send_recv, "
+                             f"got {op!r}")
         members = dist.get_process_group_ranks(group) if group is not None else \
             list(range(dist.get_world_size()))
         n, me = len(members), members.index(self.rank)
-        elems = max(1, num_bytes // DTYPE_BYTES)
-        if op == "all_reduce":
-            buf = torch.zeros(elems, dtype=DTYPE, device=self._device)
-            call = lambda: dist.all_reduce(buf, group=group)  # noqa: E731
-        elif op == "all_gather":
-            shard = torch.zeros(max(1, elems // n), dtype=DTYPE, device=self._device)
-            out = torch.zeros(shard.numel() * n, dtype=DTYPE, device=self._device)
-            call = lambda: dist.all_gather_single(out, shard, group=group)  # noqa: E731
-        elif op == "all_to_all":
-            src = torch.zeros(max(1, elems // n) * n, dtype=DTYPE, device=self._device)
-            dst = torch.empty_like(src)
-            call = lambda: dist.all_to_all_single(dst, src, group=group)  # noqa: E731
-        elif op == "send_recv":
-            buf = torch.zeros(elems, dtype=DTYPE, device=self._device)
+        # Two buffers of the largest size; every call uses views of them.
+        elems_max = max(1, max(sizes) // DTYPE_BYTES)
+        a = torch.zeros(elems_max, dtype=DTYPE, device=self._device)
+        b = torch.zeros(elems_max, dtype=DTYPE, device=self._device)
+
+        def call_for(num_bytes: int):
+            elems = max(1, num_bytes // DTYPE_BYTES)
+            if op == "all_reduce":
+                return lambda: dist.all_reduce(a[:elems], group=group)
+            if op == "all_gather":
+                shard = max(1, elems // n)
+                return lambda: dist.all_gather_single(b[:shard * n], a[:shard], group=group)
+            if op == "all_to_all":
+                chunk = max(1, elems // n) * n
+                return lambda: dist.all_to_all_single(b[:chunk], a[:chunk], group=group)
             if me == 0:
-                call = lambda: dist.send(buf, dst=members[1], group=group)  # noqa: E731
-            elif me == 1:
-                call = lambda: dist.recv(buf, src=members[0], group=group)  # noqa: E731
-            else:
-                call = lambda: None  # noqa: E731
-        else:
-            raise ValueError(f"op must be all_reduce, all_gather, all_to_all or send_recv, "
-                             f"got {op!r}")
-        pre_delay_s = sender_delay_s if op == "send_recv" and me == 0 else 0.0
-        times = np.empty((num_iters, 2))
-        for i in range(num_warmup + num_iters):
-            dist.barrier(group=group)
-            if pre_delay_s > 0:
-                self._delay(pre_delay_s)
-            entry_s = self._now()
-            call()
-            self._synchronize()
-            exit_s = self._now()
-            if i >= num_warmup:
-                times[i - num_warmup] = (entry_s, exit_s)
+                return lambda: dist.send(a[:elems], dst=members[1], group=group)
+            if me == 1:
+                return lambda: dist.recv(a[:elems], src=members[0], group=group)
+            return lambda: None
+
+        calls = [call_for(size) for size in sizes]
+        delayed = op == "send_recv" and me == (1 if delay_receiver else 0)
+        pre_delay_s = p2p_delay_s if delayed else 0.0
+        times = [np.empty((k, 2)) for k in num_iters]
+        for i in range(num_warmup + max(num_iters)):
+            for j, call in enumerate(calls):
+                if i >= num_warmup + num_iters[j]:
+                    continue
+                dist.barrier(group=group)
+                if pre_delay_s > 0:
+                    self._delay(pre_delay_s)
+                entry_s = self._now()
+                call()
+                self._synchronize()
+                exit_s = self._now()
+                if i >= num_warmup:
+                    times[j][i - num_warmup] = (entry_s, exit_s)
         return times
 
     # -- control --------------------------------------------------------------------------
-    def set_delay_mode(self, mode: str, ranks_on_node: int) -> float:
-        """Choose how compute delays are waited (delay.spin_for); returns the spun tail."""
-        self.spin_s = spin_for(mode, ranks_on_node, os.cpu_count() or 1)
+    def set_host_mode(self, delay_mode: str, keep_awake: str, local_index: int,
+                      ranks_on_node: int) -> dict:
+        """How this rank waits: compute delays spun or slept (delay.spin_for), and whether
+        it runs its share of the node's idle-priority spinners (runtime.awake). Returns
+        ``{"spin_s": spun tail of a delay, "spinners": spinners this rank runs}``."""
+        cpus = cpus_available()
+        awake = wants_keep_awake(keep_awake, self.backend)
+        self._spinners.start(spinners_for(local_index, ranks_on_node, cpus) if awake else 0)
+        self.spin_s = spin_for(delay_mode, ranks_on_node, cpus, keep_awake=awake)
         if self.backend != "nccl":
             spin_s = self.spin_s
             self._delay = lambda seconds: precise_sleep(seconds, spin_s)
-        return self.spin_s
+        return {"spin_s": self.spin_s, "spinners": self._spinners.count}
 
     @ray.method(concurrency_group="control")
     def ping(self) -> int:
@@ -408,6 +436,7 @@ class Worker:
         self._coll.skip_next_collective()
 
     def teardown(self) -> None:
+        self._spinners.stop()
         if dist.is_initialized():
             dist.destroy_process_group()
         self._weights = []

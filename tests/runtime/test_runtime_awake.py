@@ -1,0 +1,65 @@
+"""Idle-priority spinners: how they are shared out, their scheduling class, and that they
+exit with their parent."""
+
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from emulator.runtime.awake import IdleSpinners, spinners_for, wants_keep_awake
+from emulator.runtime.delay import SPIN_S, spin_for
+
+
+def test_spinners_are_shared_out_one_per_cpu():
+    assert [spinners_for(i, 2, 2) for i in range(2)] == [1, 1]
+    assert [spinners_for(i, 3, 8) for i in range(3)] == [3, 3, 2]
+    assert [spinners_for(i, 4, 2) for i in range(4)] == [1, 1, 0, 0]
+    with pytest.raises(ValueError):
+        spinners_for(2, 2, 4)
+    assert wants_keep_awake("auto", "gloo") and not wants_keep_awake("auto", "nccl")
+    assert wants_keep_awake("on", "nccl") and not wants_keep_awake("off", "gloo")
+    with pytest.raises(ValueError, match="auto, on or off"):
+        wants_keep_awake("yes", "gloo")
+
+
+def test_auto_delay_mode_sleeps_when_kept_awake():
+    assert spin_for("auto", 2, 2, keep_awake=True) == SPIN_S
+    assert spin_for("auto", 2, 2) == float("inf")
+    assert spin_for("auto", 4, 2) == SPIN_S
+    assert spin_for("spin", 2, 2, keep_awake=True) == float("inf")
+
+
+@pytest.mark.skipif(not hasattr(os, "SCHED_IDLE"), reason="SCHED_IDLE is Linux-only")
+def test_spinners_run_at_idle_priority_and_stop():
+    spinners = IdleSpinners()
+    assert spinners.start(2) == 2
+    try:
+        pids = [p.pid for p in spinners._procs]
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and any(
+                os.sched_getscheduler(pid) != os.SCHED_IDLE for pid in pids):
+            time.sleep(0.05)  # the child sets its own class right after starting
+        assert [os.sched_getscheduler(pid) for pid in pids] == [os.SCHED_IDLE] * 2
+        assert spinners.count == 2
+    finally:
+        spinners.stop()
+    assert spinners.count == 0
+
+
+def test_spinner_exits_when_its_parent_dies():
+    code = ("import sys; from emulator.runtime.awake import IdleSpinners; s = IdleSpinners(); "
+            "s.start(1); print(s._procs[0].pid, flush=True)")  # parent exits without stop()
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=30, check=True)
+    pid = int(out.stdout.strip())
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.05)
+    os.kill(pid, 9)
+    pytest.fail(f"spinner {pid} outlived its parent")
