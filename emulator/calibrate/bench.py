@@ -4,7 +4,8 @@ style (https://github.com/NVIDIA/nccl-tests/blob/master/doc/PERFORMANCE.md).
 For every world size, one WorkerGroup is started (layout ``tp = world``: one process group,
 ranks packed on one node by the TP placement group; ``spread=True`` uses ``dp = world`` so
 Ray may place the ranks on several nodes) and every (op, size) is timed with
-``Worker.bench_collective``: a barrier, then the op, per iteration, on all ranks at once.
+``Worker.bench_sizes``: a barrier, then the op, per iteration, on all ranks at once, round
+robin over the sizes (a burst of load elsewhere spreads over all sizes).
 An iteration's time is ``max(exit) - max(entry)`` over the ranks (the transfer time of the
 emulator's collective records: the op's time once the last rank has entered it).
 
@@ -67,15 +68,18 @@ def check_ops(ops: Sequence[str]) -> list[str]:
 
 
 def iterations_for(num_bytes: int, num_iters: int) -> int:
-    """Fewer iterations for large messages (about num_iters MiB at most, >= 3)."""
-    return max(3, min(num_iters, int(num_iters * MIB / max(num_bytes, 1))))
+    """Fewer iterations for the largest messages (about num_iters x 8 MiB moved at most,
+    >= 3): all of them up to 8 MiB, where runs send logits and prefill activations and a
+    median of 3 heavy-tailed times would be noise."""
+    return max(3, min(num_iters, int(num_iters * 8 * MIB / max(num_bytes, 1))))
 
 
 def run_bench(ops: Sequence[str], sizes: Sequence[int], worlds: Sequence[int], *,
               num_iters: int = 20, num_warmup: int = 2, spread: bool = False,
               address: str | None = None, timeout_s: float = 60.0,
-              on_row=None) -> pa.Table:
-    """Time every (world, op, size); one row per iteration (RAW_SCHEMA)."""
+              keep_awake: str = "auto", on_row=None) -> pa.Table:
+    """Time every (world, op, size); one row per iteration (RAW_SCHEMA). ``keep_awake``:
+    the ranks' idle-priority spinners (runtime.awake), as in the emulation to be priced."""
     from emulator.runtime.cluster import WorkerGroup
     from emulator.runtime.ray_setup import start_ray
     from emulator.specs import ParallelLayout
@@ -88,6 +92,7 @@ def run_bench(ops: Sequence[str], sizes: Sequence[int], worlds: Sequence[int], *
                 raise ConfigError(f"--world {world}: a collective needs at least 2 ranks")
             layout = ParallelLayout(dp=world) if spread else ParallelLayout(tp=world)
             with WorkerGroup(layout, backend="gloo", timeout_s=timeout_s) as group:
+                group.set_host_mode("auto", keep_awake)
                 nodes = group.node_of_rank()
                 for op in ops:
                     if op == "send_recv" and w > 0:
@@ -95,18 +100,19 @@ def run_bench(ops: Sequence[str], sizes: Sequence[int], worlds: Sequence[int], *
                     n = 2 if op == "send_recv" else world
                     ranks = [0, 1] if op == "send_recv" else list(range(world))
                     placement = "inter" if len({nodes[r] for r in ranks}) > 1 else "intra"
-                    for size in sizes:
-                        iters = iterations_for(size, num_iters)
-                        times = np.stack(group.get(
-                            [a.bench_collective.remote(op, size, iters, num_warmup)
-                             for a in group.actors], timeout_s * (iters + num_warmup),
-                            f"benchmark {op} of {size} bytes"))[ranks]  # [ranks, iters, 2]
+                    iters = [iterations_for(size, num_iters) for size in sizes]
+                    per_rank = group.get(
+                        [a.bench_sizes.remote(op, list(sizes), iters, num_warmup)
+                         for a in group.actors], timeout_s * (sum(iters) + num_warmup),
+                        f"benchmark {op} over {len(sizes)} sizes")
+                    for j, size in enumerate(sizes):
+                        times = np.stack([r[j] for r in per_rank])[ranks]  # [ranks, iters, 2]
                         per_iter = times[:, :, 1].max(axis=0) - times[:, :, 0].max(axis=0)
-                        cols["op"] += [op] * iters
-                        cols["group_size"] += [n] * iters
-                        cols["placement"] += [placement] * iters
-                        cols["bytes"] += [size] * iters
-                        cols["iteration"] += list(range(iters))
+                        cols["op"] += [op] * iters[j]
+                        cols["group_size"] += [n] * iters[j]
+                        cols["placement"] += [placement] * iters[j]
+                        cols["bytes"] += [size] * iters[j]
+                        cols["iteration"] += list(range(iters[j]))
                         cols["time_s"] += per_iter.tolist()
                         if on_row is not None:
                             on_row(op, n, size, float(np.median(per_iter)))

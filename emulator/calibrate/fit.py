@@ -11,6 +11,12 @@ on exact points the fit recovers alpha and slope to rounding.
 Byte conventions are those of ``emulator.cost.comm`` (the benchmark's nccl-tests sizes are
 converted first: an all-to-all of ``S`` bytes per rank moves ``S * (n - 1) / n`` off-rank).
 
+The line summarizes the host (latency, bandwidth) and prices sizes outside the measured
+range; inside it, a calibrated profile prices with the measured medians themselves
+(:func:`measured_pieces`), because gloo switches algorithm with the size and its curve is not
+one line (the all-gather at 2 ranks: ~0.3 ms flat to 128 KiB, then ~0.8 ns/B, then several
+times steeper above 16 MiB on the development VM).
+
 The reduction term: one op's slope cannot separate "moving bytes" from "adding bytes"
 (they are collinear), so it is split with a second op. A ring all-reduce moves twice what an
 all-gather of the same nominal size moves (``2(n-1)/n`` against ``(n-1)/n``, see comm.py),
@@ -26,7 +32,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from emulator.cost.comm import CommEntry, CommProfile, HostOverhead
+from emulator.cost.comm import CommEntry, CommProfile, HostOverhead, LinePiece
 
 BUS_FACTOR = {
     "all_reduce": lambda n: 2 * (n - 1) / n,
@@ -74,6 +80,42 @@ def fit_line(num_bytes: np.ndarray, time_s: np.ndarray) -> LineFit:
     return LineFit(float(alpha), float(slope), (pred - t) / t)
 
 
+def isotonic(values: np.ndarray) -> np.ndarray:
+    """The non-decreasing sequence closest to ``values`` in least squares (pool adjacent
+    violators): a collective's median time never really falls when the message grows, so a
+    dip is noise and is averaged with its neighbours."""
+    blocks: list[list[float]] = []  # [sum, count]
+    for v in np.asarray(values, dtype=np.float64).tolist():
+        blocks.append([v, 1.0])
+        while len(blocks) > 1 and blocks[-2][0] / blocks[-2][1] > blocks[-1][0] / blocks[-1][1]:
+            total, count = blocks.pop()
+            blocks[-1][0] += total
+            blocks[-1][1] += count
+    return np.concatenate([np.full(int(c), s / c) for s, c in blocks])
+
+
+def measured_pieces(num_bytes: np.ndarray, time_s: np.ndarray,
+                    slope_s_per_byte: float) -> list[LinePiece]:
+    """The measured curve as line pieces: from the smallest measured size to the largest,
+    straight between consecutive per-size medians (made non-decreasing by :func:`isotonic`);
+    above the largest, its median plus the fitted slope. Libraries switch algorithm with the
+    message size (gloo's all-gather at 2 ranks is several times slower per byte above a few
+    MiB than below), which no single alpha-beta line follows; the measured points do."""
+    x = np.asarray(num_bytes, dtype=np.float64)
+    order = np.argsort(x, kind="stable")
+    xs, ts = x[order], np.asarray(time_s, dtype=np.float64)[order]
+    keep = np.r_[xs[1:] != xs[:-1], True]  # one point per size (callers pass medians)
+    xs, ts = xs[keep], isotonic(ts[keep])
+    pieces = []
+    for i in range(xs.size - 1):
+        slope = (ts[i + 1] - ts[i]) / (xs[i + 1] - xs[i])
+        pieces.append(LinePiece(from_bytes=xs[i], alpha_s=ts[i] - slope * xs[i],
+                                slope_s_per_byte=slope))
+    pieces.append(LinePiece(from_bytes=xs[-1], alpha_s=ts[-1] - slope_s_per_byte * xs[-1],
+                            slope_s_per_byte=slope_s_per_byte))
+    return [p for p in pieces if p.from_bytes > 0]
+
+
 def model_bytes(op: str, bench_bytes: np.ndarray, group_size: int) -> np.ndarray:
     """Benchmark (nccl-tests) size -> the byte convention of emulator.cost.comm."""
     x = np.asarray(bench_bytes, dtype=np.float64)
@@ -98,9 +140,13 @@ class FitPoint:
 
 def fit_profile(name: str, op: np.ndarray, group_size: np.ndarray, placement: np.ndarray,
                 num_bytes: np.ndarray, time_s: np.ndarray,
-                host: HostOverhead | None = None) -> tuple[CommProfile, list[FitPoint]]:
+                host: HostOverhead | None = None, measured_curve: bool = True
+                ) -> tuple[CommProfile, list[FitPoint]]:
     """One alpha-beta(-gamma) entry per (op, group size, placement) from per-size median
-    times (benchmark byte convention); returns the profile and the fit error per point."""
+    times (benchmark byte convention); returns the profile and the fit error per point (of
+    the line). With ``measured_curve`` each entry also carries the measured medians as
+    pieces (:func:`measured_pieces`), which then price every size from the smallest
+    measured one on; the line prices smaller sizes."""
     op, placement = np.asarray(op).astype(str), np.asarray(placement).astype(str)
     group_size = np.asarray(group_size, dtype=np.int64)
     fits: dict[tuple[str, int, str], tuple[LineFit, np.ndarray, np.ndarray]] = {}
@@ -117,10 +163,12 @@ def fit_profile(name: str, op: np.ndarray, group_size: np.ndarray, placement: np
             moved = 2.0 * gather[0].slope_s_per_byte
             if 0.0 < moved < fit.slope_s_per_byte:
                 beta, gamma = moved, fit.slope_s_per_byte - moved
+        x = model_bytes(o, raw_bytes, n)
+        pieces = measured_pieces(x, t, fit.slope_s_per_byte) if measured_curve else []
         entries.append(CommEntry(op=o, group_size=n if o != "send_recv" else 2, placement=pl,
                                  alpha_s=fit.alpha_s, beta_s_per_byte=beta,
-                                 gamma_s_per_byte=gamma))
-        pred = fit.predict_s(model_bytes(o, raw_bytes, n))
+                                 gamma_s_per_byte=gamma, pieces=pieces))
+        pred = fit.predict_s(x)
         points += [FitPoint(o, n, pl, int(b), float(m), float(p))
                    for b, m, p in zip(raw_bytes.tolist(), t.tolist(), pred.tolist())]
     return CommProfile(name=name, entries=entries, host=host), points

@@ -33,12 +33,15 @@ def _bench_options(func):
         click.option("--spread", is_flag=True, help="Let Ray place ranks on any node "
                      "(measures 'inter' placement on a multi-node cluster)."),
         click.option("--address", default=None, help="Ray cluster to join; default local."),
+        click.option("--keep-awake", type=click.Choice(["auto", "on", "off"]), default="auto",
+                     show_default=True, help="Idle-priority spinners per CPU while measuring "
+                     "(as `emulate --keep-awake`; measure the way the emulation will run)."),
     ]):
         func = opt(func)
     return func
 
 
-def _run_bench(ops, min_bytes, max_bytes, world, iters, quick, spread, address):
+def _run_bench(ops, min_bytes, max_bytes, world, iters, quick, spread, address, keep_awake):
     from emulator.calibrate.bench import parse_size, run_bench, sizes_between
 
     if quick:
@@ -48,7 +51,7 @@ def _run_bench(ops, min_bytes, max_bytes, world, iters, quick, spread, address):
     worlds = [int(w) for w in str(world).split(",") if w.strip()]
     console = Console(stderr=True)
     return run_bench([o.strip() for o in ops.split(",")], sizes, worlds, num_iters=iters,
-                     spread=spread, address=address,
+                     spread=spread, address=address, keep_awake=keep_awake,
                      on_row=lambda op, n, b, t: console.print(
                          f"  {op:<10} n={n} {b:>10} B {format_seconds(t)}", highlight=False))
 
@@ -93,9 +96,12 @@ def collectives(output, **kw):
 @click.option("--no-host-probe", is_flag=True,
               help="Skip measuring the emulator host's per-step overheads.")
 @click.option("--name", default=None, help="Profile name (default: the host name).")
+@click.option("--line-only", is_flag=True,
+              help="Price every size with the fitted line (default: the measured per-size "
+              "medians inside the measured range, the line outside).")
 @click.option("-o", "--output", type=click.Path(path_type=Path), required=True,
               help="Profile JSON to write (use with simulate/validate --comm-profile).")
-def calibrate(output, from_bench, no_host_probe, name, **kw):
+def calibrate(output, from_bench, no_host_probe, name, line_only, **kw):
     """Fit alpha-beta lines per op, group size and placement (and the host overheads)."""
     from emulator.calibrate.run import calibrate as run
 
@@ -105,15 +111,22 @@ def calibrate(output, from_bench, no_host_probe, name, **kw):
         raw = pq.read_table(from_bench)
     else:
         raw = _run_bench(**{k: kw[k] for k in ("ops", "min_bytes", "max_bytes", "world",
-                                               "iters", "quick", "spread", "address")})
+                                               "iters", "quick", "spread", "address",
+                                               "keep_awake")})
     profile, points = run(raw, name=name or socket.gethostname(),
-                          host_probe=not no_host_probe, address=kw["address"], output=output)
+                          host_probe=not no_host_probe, address=kw["address"], output=output,
+                          keep_awake=kw["keep_awake"], measured_curve=not line_only)
     table = Table(title=f"fit of {profile.name}: alpha + bytes x (beta + gamma)")
-    for col in ("op", "ranks", "place", "alpha", "beta (ns/B)", "gamma (ns/B)"):
-        table.add_column(col, justify="left" if col in ("op", "place") else "right")
+    for col in ("op", "ranks", "place", "alpha", "beta (ns/B)", "gamma (ns/B)",
+                "prices with"):
+        table.add_column(col, justify="left" if col in ("op", "place", "prices with")
+                         else "right")
     for e in profile.entries:
+        curve = (f"medians from {e.pieces[0].from_bytes:,.0f} B, line below"
+                 if e.pieces else "line")
         table.add_row(e.op, str(e.group_size), e.placement, format_seconds(e.alpha_s),
-                      f"{e.beta_s_per_byte * 1e9:.4f}", f"{e.gamma_s_per_byte * 1e9:.4f}")
+                      f"{e.beta_s_per_byte * 1e9:.4f}", f"{e.gamma_s_per_byte * 1e9:.4f}",
+                      curve)
     console = Console(width=120)
     console.print(table)
     errors = Table(title="fit error per point: (fit - median) / median")

@@ -1,7 +1,8 @@
 """Alpha-beta communication costs per collective, from a :class:`CommProfile`.
 
 A profile holds one straight line ``time_s = alpha_s + bytes * (beta_s_per_byte +
-gamma_s_per_byte)`` per (op, group size, placement). The line is *collective level*: it
+gamma_s_per_byte)`` per (op, group size, placement), optionally continued by further
+segments from given sizes on (``CommEntry.pieces``: a calibrated profile's measured curve). The line is *collective level*: it
 already contains the algorithm's step count, so a calibrated profile (``emulator
 calibrate``, measured on the host) and one derived from hardware specs are used the same way.
 
@@ -62,8 +63,29 @@ class ProfileError(ConfigError):
     """A communication profile is malformed or lacks an entry the run needs."""
 
 
+class LinePiece(BaseModel):
+    """A further segment of a :class:`CommEntry`'s line, for sizes from ``from_bytes`` on."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    from_bytes: float = Field(gt=0, description="Smallest size (the op's byte convention) "
+                              "priced by this segment.")
+    alpha_s: float = Field(description="Intercept of this segment's line, seconds (may be "
+                           "negative for a steep segment; its times are not).")
+    slope_s_per_byte: float = Field(ge=0.0, description="Seconds per byte of this segment.")
+
+    @model_validator(mode="after")
+    def _positive(self) -> LinePiece:
+        if self.alpha_s + self.from_bytes * self.slope_s_per_byte <= 0:
+            raise ValueError(f"the piece from {self.from_bytes:g} bytes prices its first size "
+                             f"at {self.alpha_s + self.from_bytes * self.slope_s_per_byte:g} s "
+                             "(must be > 0)")
+        return self
+
+
 class CommEntry(BaseModel):
-    """One alpha-beta line: the time of ``op`` over ``group_size`` ranks at ``placement``."""
+    """One alpha-beta line: the time of ``op`` over ``group_size`` ranks at ``placement``;
+    optionally in segments (``pieces``) where the library switches algorithm."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -77,17 +99,37 @@ class CommEntry(BaseModel):
     gamma_s_per_byte: float = Field(
         default=0.0, ge=0.0,
         description="Extra seconds per byte for the reduction arithmetic (0 from specs).")
+    pieces: list[LinePiece] = Field(
+        default_factory=list, description="Further segments, ascending from_bytes: from a "
+        "piece's size on, its own alpha and slope apply (alpha_s/beta/gamma price the sizes "
+        "below the first). A calibrated profile carries its measured per-size medians this way "
+        "(calibrate.fit.measured_pieces): the library switches algorithm with the size.")
 
     def time_s(self, num_bytes: float) -> float:
         """Predicted time of one call moving ``num_bytes`` (0 bytes costs nothing)."""
         if num_bytes <= 0:
             return 0.0
+        for piece in reversed(self.pieces):
+            if num_bytes >= piece.from_bytes:
+                return piece.alpha_s + num_bytes * piece.slope_s_per_byte
         return self.alpha_s + num_bytes * (self.beta_s_per_byte + self.gamma_s_per_byte)
+
+    def scaled(self, factor: float) -> CommEntry:
+        """Every time multiplied by ``factor`` (sizes unchanged)."""
+        return self.model_copy(update={
+            "alpha_s": self.alpha_s * factor, "beta_s_per_byte": self.beta_s_per_byte * factor,
+            "gamma_s_per_byte": self.gamma_s_per_byte * factor,
+            "pieces": [p.model_copy(update={"alpha_s": p.alpha_s * factor,
+                                            "slope_s_per_byte": p.slope_s_per_byte * factor})
+                       for p in self.pieces]})
 
     @model_validator(mode="after")
     def _send_recv_pairs(self) -> CommEntry:
         if self.op == "send_recv" and self.group_size != 2:
             raise ValueError("send_recv entries must have group_size 2")
+        starts = [p.from_bytes for p in self.pieces]
+        if any(b <= a for a, b in zip(starts, starts[1:])):
+            raise ValueError("pieces must have strictly ascending from_bytes")
         return self
 
 
@@ -137,6 +179,10 @@ class HostOverhead(BaseModel):
         default=None, description="Per p2p_idle_grid_s point: extra time of a send/recv whose "
         "receiver idled that long in its recv (a pipeline stage waiting for activations); "
         "None: use wake_s on delay_grid_s.")
+    p2p_send_wake_s: list[float] | None = Field(
+        default=None, description="Per p2p_idle_grid_s point: extra time of a send/recv whose "
+        "sender idled that long in its send, waiting for the receiver to post its recv (a "
+        "stage whose successor is still busy); None: use p2p_wake_s.")
 
     @model_validator(mode="after")
     def _grid(self) -> HostOverhead:
@@ -149,6 +195,10 @@ class HostOverhead(BaseModel):
                 self.p2p_wake_s is not None
                 and len(self.p2p_wake_s) != len(self.p2p_idle_grid_s)):
             raise ValueError("p2p_wake_s needs one value per p2p_idle_grid_s point")
+        if self.p2p_send_wake_s is not None and (
+                self.p2p_wake_s is None or len(self.p2p_send_wake_s) != len(self.p2p_wake_s)):
+            raise ValueError("p2p_send_wake_s needs p2p_wake_s and one value per "
+                             "p2p_idle_grid_s point")
         for name in ("delay_grid_s", "p2p_idle_grid_s"):
             grid = getattr(self, name) or []
             if any(b <= a for a, b in zip(grid, grid[1:])):
@@ -166,10 +216,17 @@ class HostOverhead(BaseModel):
     def wake(self, delay_s: np.ndarray) -> np.ndarray:
         return np.interp(delay_s, self.delay_grid_s, self.wake_s)
 
-    def p2p_wake(self, idle_s: np.ndarray) -> np.ndarray:
+    def p2p_wake(self, idle_s: np.ndarray, sender_waited: np.ndarray | bool = False
+                 ) -> np.ndarray:
+        """Extra time of a send/recv after its first-arriving side idled ``idle_s`` in the op
+        (the receiver, or with ``sender_waited`` the sender)."""
         if self.p2p_wake_s is None:
             return self.wake(idle_s)
-        return np.interp(idle_s, self.p2p_idle_grid_s, self.p2p_wake_s)
+        recv = np.interp(idle_s, self.p2p_idle_grid_s, self.p2p_wake_s)
+        if self.p2p_send_wake_s is None:
+            return recv
+        send = np.interp(idle_s, self.p2p_idle_grid_s, self.p2p_send_wake_s)
+        return np.where(sender_waited, send, recv)
 
     def scaled(self, factor: float) -> HostOverhead:
         """Every time (the grid too) multiplied by ``factor`` (1 / dilation: target units)."""
@@ -177,9 +234,9 @@ class HostOverhead(BaseModel):
             "step_gap_s", "step_gap_s_per_collective", "step_fixed_s")}
         update.update({k: [v * factor for v in getattr(self, k)] for k in (
             "delay_grid_s", "delay_excess_s", "collective_excess_s", "wake_s")})
-        if self.p2p_wake_s is not None:
-            update["p2p_wake_s"] = [v * factor for v in self.p2p_wake_s]
-            update["p2p_idle_grid_s"] = [v * factor for v in self.p2p_idle_grid_s]
+        for k in ("p2p_wake_s", "p2p_idle_grid_s", "p2p_send_wake_s"):
+            if getattr(self, k) is not None:
+                update[k] = [v * factor for v in getattr(self, k)]
         return self.model_copy(update=update)
 
 
@@ -244,10 +301,7 @@ class CommProfile(BaseModel):
         by ``factor``; ``validate`` uses ``1 / dilation`` (see the module docstring)."""
         if not factor > 0:
             raise ValueError(f"scale factor must be > 0, got {factor}")
-        entries = [e.model_copy(update={"alpha_s": e.alpha_s * factor,
-                                        "beta_s_per_byte": e.beta_s_per_byte * factor,
-                                        "gamma_s_per_byte": e.gamma_s_per_byte * factor})
-                   for e in self.entries]
+        entries = [e.scaled(factor) for e in self.entries]
         host = self.host.scaled(factor) if self.host is not None else None
         return CommProfile(name=f"{self.name} x{factor:g}", entries=entries, host=host)
 

@@ -136,15 +136,14 @@ class CostModel:
         tp_place = [placement_of(g, gpn) for g in tp_groups]
 
         def line(op, n, places):
+            """Per stage the entry pricing ``op`` (None: no such collective)."""
             if n <= 1:
-                return [0.0] * self.pp, [0.0] * self.pp
-            entries = [prof.lookup(op, n, pl) for pl in places]
-            return ([e.alpha_s for e in entries],
-                    [e.beta_s_per_byte + e.gamma_s_per_byte for e in entries])
+                return [None] * self.pp
+            return [prof.lookup(op, n, pl) for pl in places]
 
         ar = line("all_reduce", self.tp, tp_place)
         ag = line("all_gather", self.tp, tp_place)
-        a2a = ([0.0] * self.pp, [0.0] * self.pp)
+        a2a = [None] * self.pp
         if self.ep > 1:
             ep_groups = {r: g for g in lay.groups("ep") for r in g}
             a2a = line("all_to_all", self.ep, [placement_of(ep_groups[g[0]], gpn)
@@ -332,24 +331,23 @@ class CostModel:
         p2p_s: one stage-to-stage activation transfer (the slowest boundary); 0 when pp == 1.
         """
         lines = self._lines(replica)
-        ar_a, ar_b = lines["ar"]
-        ag_a, ag_b = lines["ag"]
-        a2a_a, a2a_b = lines["a2a"]
+        ar, ag, a2a = lines["ar"], lines["ag"], lines["a2a"]
         compute = np.empty(self.pp)
         comm = np.empty(self.pp)
         # Python scalars per stage: cheaper than array arithmetic for a handful of stages.
         for p, st in enumerate(work.stages):
             compute[p] = st.compute_s
             t = 0.0
-            if st.tp_allreduce_bytes:
-                t += 2 * st.layer_ids.size * (ar_a[p] + ar_b[p] * st.tp_allreduce_bytes)
-            if st.embed_allreduce_bytes:
-                t += ar_a[p] + ar_b[p] * st.embed_allreduce_bytes
-            if st.logits_gather_bytes:  # all_gather is priced by its gathered output
-                t += ag_a[p] + ag_b[p] * st.logits_gather_bytes * self.tp
-            if st.ep_dispatch_bytes:  # dispatch + combine per MoE layer
-                t += self._num_moe[p] * (2 * a2a_a[p] + a2a_b[p] * (st.ep_dispatch_bytes
-                                                                    + st.ep_combine_bytes))
+            if ar[p] is not None:
+                if st.tp_allreduce_bytes:
+                    t += 2 * st.layer_ids.size * ar[p].time_s(st.tp_allreduce_bytes)
+                if st.embed_allreduce_bytes:
+                    t += ar[p].time_s(st.embed_allreduce_bytes)
+            if ag[p] is not None and st.logits_gather_bytes:
+                t += ag[p].time_s(st.logits_gather_bytes * self.tp)  # by gathered output
+            if a2a[p] is not None and st.ep_dispatch_bytes:  # dispatch + combine per MoE layer
+                t += self._num_moe[p] * (a2a[p].time_s(st.ep_dispatch_bytes)
+                                         + a2a[p].time_s(st.ep_combine_bytes))
             comm[p] = t
         send = work.stages[0].pp_send_bytes if self.pp > 1 else 0
         p2p = max((h.time_s(send) for h in lines["hops"]), default=0.0)

@@ -7,7 +7,8 @@ import pytest
 
 from emulator.calibrate.bench import (RAW_SCHEMA, iterations_for, parse_size, sizes_between,
                                       summarize)
-from emulator.calibrate.fit import fit_line, fit_profile, model_bytes
+from emulator.calibrate.fit import fit_line, fit_profile, isotonic, model_bytes
+from emulator.cost.comm import CommEntry, LinePiece
 from emulator.errors import ConfigError
 
 SIZES = np.array([8, 64, 1024, 65536, 1 << 20, 64 << 20], dtype=np.float64)
@@ -74,8 +75,51 @@ def test_sizes_and_iterations():
     assert parse_size("64M") == 64 << 20 and parse_size("8") == 8 and parse_size("4k") == 4096
     assert sizes_between(8, 64) == [8, 16, 32, 64]
     assert sizes_between(1024, 1 << 20, factor=4)[-1] == 1 << 20
-    assert iterations_for(8, 20) == 20 and iterations_for(64 << 20, 20) == 3
+    assert iterations_for(8, 20) == 20 and iterations_for(8 << 20, 20) == 20
+    assert iterations_for(16 << 20, 20) == 10 and iterations_for(64 << 20, 20) == 3
     with pytest.raises(ConfigError, match="size 'x1'"):
         parse_size("x1")
     with pytest.raises(ConfigError, match="below --min-bytes"):
         sizes_between(64, 8)
+
+
+def test_isotonic_pools_dips_with_their_neighbours():
+    assert isotonic(np.array([3.0, 1.0, 2.0, 5.0, 4.0])).tolist() == pytest.approx(
+        [2.0, 2.0, 2.0, 4.5, 4.5])
+    assert isotonic(np.array([1.0, 2.0, 3.0])).tolist() == [1.0, 2.0, 3.0]
+
+
+def test_measured_curve_prices_measured_sizes_at_their_medians():
+    # A curve with an algorithm switch at 1 MiB: flat, then steep.
+    sizes = np.array([1024, 65536, 1 << 20, 4 << 20, 16 << 20], dtype=np.float64)
+    t = np.array([3e-4, 3.2e-4, 8e-4, 6e-3, 4e-2])
+    op = np.array(["all_gather"] * sizes.size)
+    prof, points = fit_profile("h", op, np.full(sizes.size, 2), np.array(["intra"] * sizes.size),
+                               sizes, t)
+    e = prof.lookup("all_gather", 2, "intra")
+    assert [e.time_s(x) for x in sizes] == pytest.approx(t.tolist())
+    # Linear between measured sizes, the fitted line below the smallest.
+    assert e.time_s(2.5 * 2**20) == pytest.approx(8e-4 + (6e-3 - 8e-4) * 0.5)
+    assert e.time_s(512) == pytest.approx(e.alpha_s + 512 * e.beta_s_per_byte)
+    # Above the largest: its median plus the fitted slope.
+    assert e.time_s(32 << 20) == pytest.approx(4e-2 + (16 << 20) * e.beta_s_per_byte)
+    # The reported fit errors are the line's, not the curve's.
+    assert points[0].predicted_s == pytest.approx(e.alpha_s + 1024 * e.beta_s_per_byte)
+    line_only, _ = fit_profile("h", op, np.full(sizes.size, 2),
+                               np.array(["intra"] * sizes.size), sizes, t, measured_curve=False)
+    assert line_only.lookup("all_gather", 2, "intra").pieces == []
+    # Scaling scales every piece.
+    assert prof.scaled(0.5).time_s("all_gather", 2, "intra", 2.5 * 2**20) == pytest.approx(
+        0.5 * e.time_s(2.5 * 2**20))
+
+
+def test_line_pieces_are_checked():
+    ok = dict(op="all_reduce", group_size=2, placement="intra", alpha_s=1e-4,
+              beta_s_per_byte=1e-9)
+    with pytest.raises(ValueError, match="ascending"):
+        CommEntry(**ok, pieces=[LinePiece(from_bytes=2e6, alpha_s=1e-3, slope_s_per_byte=0),
+                                LinePiece(from_bytes=1e6, alpha_s=1e-3, slope_s_per_byte=0)])
+    with pytest.raises(ValueError, match="must be > 0"):
+        LinePiece(from_bytes=1e6, alpha_s=-1.0, slope_s_per_byte=1e-9)
+    steep = LinePiece(from_bytes=1e6, alpha_s=-1e-3, slope_s_per_byte=2e-9)  # 1 ms at 1 MB
+    assert CommEntry(**ok, pieces=[steep]).time_s(2e6) == pytest.approx(3e-3)
