@@ -18,6 +18,10 @@ the first collective less its delay plus the time after the last collective) and
 into collective rows as the emulation loop does, and submits the next step; ``start of step
 k+1 - end of step k`` against the number of collective rows gives ``step_gap_s`` and
 ``step_gap_s_per_collective``.
+
+Pipeline transfers are probed on a second, 2-stage group (:func:`measure_pipeline_wake`):
+real 2-stage steps with two plans in flight, one stage slower than the other by an idle
+time on a grid, in both orders (the receiver idles in its recv, or the sender in its send).
 """
 
 from __future__ import annotations
@@ -61,7 +65,7 @@ def _segments(recs, delay_s: float, line_s: np.ndarray):
     return seg, crit, transfer
 
 
-def measure_host_overhead(group, line_s, *, num_steps: int = 8,
+def measure_host_overhead(group, line_s, *, num_steps: int = 16,
                           grid_s: tuple[float, ...] = DELAY_GRID_S,
                           num_bytes: int = PROBE_BYTES) -> HostOverhead:
     """Run probe steps on ``group`` (a WorkerGroup with layout tp = world) and fit.
@@ -94,30 +98,61 @@ def measure_host_overhead(group, line_s, *, num_steps: int = 8,
         de = float(np.median(seg))
         delay_excess.append(max(0.0, de))
         coll_excess.append(max(0.0, float(np.median(crit - seg))))
-        wake.append(max(0.0, float(np.median([np.median(p[2]) for p in parts[d]]))))
+        # Transfer times are heavy-tailed on a VM (p90 several times the median): the
+        # median over every instance of every step, not a median of per-step medians.
+        wake.append(max(0.0, float(np.median(np.concatenate([p[2] for p in parts[d]])))))
     gap0, gap_per = measure_step_gap(group)
     return HostOverhead(num_ranks=n, step_gap_s=gap0, step_gap_s_per_collective=gap_per,
                         step_fixed_s=max(0.0, float(np.median(fixed))),
                         delay_grid_s=list(grid_s), delay_excess_s=delay_excess,
-                        collective_excess_s=coll_excess, wake_s=wake,
-                        p2p_idle_grid_s=list(P2P_IDLE_GRID_S),
-                        p2p_wake_s=measure_p2p_wake(group, line_s, P2P_IDLE_GRID_S, num_bytes))
+                        collective_excess_s=coll_excess, wake_s=wake)
 
 
-def measure_p2p_wake(group, line_s, grid_s, num_bytes: int, num_iters: int = 12) -> list[float]:
-    """Per idle time d: median of (send/recv time when the sender comes d after the receiver
-    entered its recv) - the line; the sender's delay keeps the receiver idle in gloo's recv
-    as a pipeline stage waiting for activations is."""
-    out = []
+def pipeline_work(delay_s: tuple[float, float], num_bytes: int) -> StepWork:
+    """A 2-stage plan: stage s waits ``delay_s[s]`` in one layer; stage 0 sends ``num_bytes``
+    of activations to stage 1."""
+    one = np.zeros(1)
+    return StepWork(stages=[
+        StageWork(stage=0, layer_ids=np.array([0]), attn_compute_s=np.array([delay_s[0]]),
+                  mlp_compute_s=one, tp_allreduce_bytes=0, pp_send_bytes=num_bytes),
+        StageWork(stage=1, layer_ids=np.array([1]), attn_compute_s=np.array([delay_s[1]]),
+                  mlp_compute_s=one, tp_allreduce_bytes=0)], num_tokens=1, num_sampled_tokens=1)
+
+
+def measure_pipeline_wake(group, line_s, num_bytes: int = PROBE_BYTES,
+                          grid_s: tuple[float, ...] = P2P_IDLE_GRID_S, num_steps: int = 24
+                          ) -> tuple[list[float], list[float], list[float]]:
+    """(idle grid, receiver wake, sender wake) of pipeline transfers, measured the way an
+    emulation runs them: ``group`` is a 2-stage WorkerGroup (layout pp=2) and the driver
+    keeps two plans in flight, as with two micro-batches. For each idle time d on the grid,
+    once with stage 0 slower by d (stage 1 idles in its recv for the activations) and once
+    with stage 1 slower by d (stage 0 idles in its send until the recv is posted; gloo's
+    send waits for it): per transfer, (max exit - max entry) - the line, median over the
+    steps. The step boundaries (results shipped to the driver, the next call started) fall
+    right around these transfers, so they cost more than in a bare microbenchmark."""
     line = line_s("send_recv", num_bytes)
-    for d in grid_s:
-        times = np.stack(group.get(
-            [a.bench_collective.remote("send_recv", num_bytes, num_iters, 1, "world", d)
-             for a in group.actors], group.timeout_s * (num_iters + 1),
-            "probe send/recv wake-up"))[:2]  # [2 ranks, iters, (entry, exit)]
-        transfer = times[:, :, 1].max(axis=0) - times[:, :, 0].max(axis=0)
-        out.append(max(0.0, float(np.median(transfer)) - line))
-    return out
+    base = 2e-4
+    wakes: dict[bool, list[float]] = {False: [], True: []}
+    for sender_waits in (False, True):
+        for d in grid_s:
+            delays = (base, base + d) if sender_waits else (base + d, base)
+            work = pipeline_work(delays, num_bytes)
+            pending, excess = [], []
+            for i in range(num_steps + 2):
+                pending.append(group.submit_replica_step(0, work, None, 1.0,
+                                                         step_key=("p2p", sender_waits, d, i)))
+                if len(pending) < 2 and i < num_steps + 1:
+                    continue  # keep two plans in flight
+                recs = group.collect(pending.pop(0))
+                if i < 3:
+                    continue  # warm-up: the pipeline fills
+                entry = max(r.coll_entry_s[0] for r in recs)
+                exit_ = max(r.coll_exit_s[0] for r in recs)
+                excess.append(exit_ - entry - line)
+            for p in pending:
+                group.collect(p)
+            wakes[sender_waits].append(max(0.0, float(np.median(excess))))
+    return list(grid_s), wakes[False], wakes[True]
 
 
 def measure_step_gap(group, layers: tuple[int, ...] = GAP_LAYERS) -> tuple[float, float]:

@@ -15,25 +15,35 @@ from emulator.errors import ConfigError
 
 
 def probe_host(world: int, profile: CommProfile, *, address: str | None = None,
-               timeout_s: float = 60.0, delay_mode: str = "auto") -> HostOverhead:
+               timeout_s: float = 60.0, delay_mode: str = "auto",
+               keep_awake: str = "auto") -> HostOverhead:
     """Start ``world`` workers (TP over all of them) and measure the host overheads against
-    ``profile``'s lines, with compute delays waited as an emulation with ``delay_mode``
-    waits them (the overheads differ a lot between spinning and sleeping ranks)."""
-    from emulator.calibrate.host import measure_host_overhead
+    ``profile``'s lines, with the ranks waiting as an emulation with ``delay_mode`` and
+    ``keep_awake`` waits (the overheads differ a lot between them)."""
+    from emulator.calibrate.host import measure_host_overhead, measure_pipeline_wake
     from emulator.runtime.cluster import WorkerGroup
     from emulator.runtime.ray_setup import start_ray
     from emulator.specs import ParallelLayout
 
+    def line_s(op, num_bytes):
+        return profile.time_s(op, world if op != "send_recv" else 2, "intra", num_bytes)
+
     with start_ray(address):
         with WorkerGroup(ParallelLayout(tp=world), backend="gloo", timeout_s=timeout_s) as g:
-            g.get([actor.set_delay_mode.remote(delay_mode, world) for actor in g.actors],
-                  timeout_s, "set the delay mode")
-            return measure_host_overhead(
-                g, lambda op, b: profile.time_s(op, world, "intra", b))
+            g.set_host_mode(delay_mode, keep_awake)
+            host = measure_host_overhead(g, line_s)
+        if not any(e.op == "send_recv" for e in profile.entries):
+            return host
+        with WorkerGroup(ParallelLayout(pp=2), backend="gloo", timeout_s=timeout_s) as g:
+            g.set_host_mode(delay_mode, keep_awake)
+            grid, recv_wake, send_wake = measure_pipeline_wake(g, line_s)
+        return host.model_copy(update={"p2p_idle_grid_s": grid, "p2p_wake_s": recv_wake,
+                                       "p2p_send_wake_s": send_wake})
 
 
 def calibrate(raw: pa.Table, *, name: str, host_probe: bool = True,
-              address: str | None = None, output: Path | None = None
+              address: str | None = None, output: Path | None = None,
+              keep_awake: str = "auto", measured_curve: bool = True
               ) -> tuple[CommProfile, list[FitPoint]]:
     """Fit ``raw`` (RAW_SCHEMA rows of `bench collectives`) and, with ``host_probe``, measure
     the host overheads on the smallest benchmarked world; save to ``output`` if given."""
@@ -45,7 +55,8 @@ def calibrate(raw: pa.Table, *, name: str, host_probe: bool = True,
     profile, points = fit_profile(name, med["op"].to_numpy(zero_copy_only=False),
                                   med["group_size"].to_numpy(),
                                   med["placement"].to_numpy(zero_copy_only=False),
-                                  med["bytes"].to_numpy(), med["time_s"].to_numpy())
+                                  med["bytes"].to_numpy(), med["time_s"].to_numpy(),
+                                  measured_curve=measured_curve)
     if host_probe:
         have = {e.op for e in profile.entries}
         if not {"all_reduce", "all_gather"} <= have:
@@ -54,7 +65,8 @@ def calibrate(raw: pa.Table, *, name: str, host_probe: bool = True,
                               "--no-host-probe")
         worlds = [n for n, o in zip(med["group_size"].to_pylist(), med["op"].to_pylist())
                   if o != "send_recv"] or [2]
-        host = probe_host(int(np.min(worlds)), profile, address=address)
+        host = probe_host(int(np.min(worlds)), profile, address=address,
+                          keep_awake=keep_awake)
         profile = profile.model_copy(update={"host": host})
     if output is not None:
         save_profile(profile, output)

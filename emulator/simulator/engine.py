@@ -124,9 +124,11 @@ class CostModelExecutor:
     the replica ended; in every stage, the fixed per-step time, the excess of each compute
     delay and, per group collective, the straggler wait (the step waits for the last rank).
 
-    PP bubbles: a stage starts at ``max(activations arrived, stage free, plan submitted)``,
-    so stages idle when too few micro-batches are in flight, as on the workers; with
-    ``host``, a receiving stage that idled pays the wake-up cost of that idle time.
+    PP bubbles: a stage starts when its activations arrive, and a transfer starts when the
+    sender is done and the receiving stage is free (and the plan submitted): a rendezvous,
+    so stages idle when too few micro-batches are in flight and a sender whose successor is
+    busy stays blocked in its send, as on the workers; with ``host``, the side that idled in
+    the transfer pays the wake-up cost of that idle time.
     """
 
     def __init__(self, cost: CostModel, requests: RequestTable, host=None,
@@ -174,17 +176,26 @@ class CostModelExecutor:
         submitted = now_s + gap
         stage_start = np.empty(pp)
         stage_end = np.empty(pp)
-        ready = start_s
+        free = [submitted if stage_free_s is None else max(submitted, float(stage_free_s[s]))
+                for s in range(pp)]
+        begin = max(start_s, free[0])
         for s in range(pp):
-            free = submitted if stage_free_s is None else max(submitted, stage_free_s[s])
-            if s > 0 and self.host is not None:
-                # The receiving rank idled in its recv from `free` until the activations
-                # came; waking it costs what waking a collective after that idle time costs.
-                ready += float(self.host.p2p_wake(max(0.0, ready - free)))
-            begin = max(ready, free)
             stage_start[s] = begin
-            stage_end[s] = begin + compute[s] + comm[s] + over[s]
-            ready = stage_end[s] + p2p
+            done = begin + compute[s] + comm[s] + over[s]
+            if s == pp - 1:
+                stage_end[s] = done
+                break
+            # Rendezvous: the transfer starts once the sender is done and the receiver has
+            # posted its recv (it is free); both leave the op when it completes, so a sender
+            # whose successor is still busy is blocked until then (gloo's send, and NCCL's,
+            # wait for the matching recv).
+            meet = max(done, free[s + 1])
+            if self.host is not None:
+                # Waking the side that idled in the op costs what the probe measured.
+                sender_waited = free[s + 1] > done
+                meet += float(self.host.p2p_wake(meet - min(done, free[s + 1]),
+                                                 sender_waited))
+            stage_end[s] = begin = meet + p2p
         by_axis = {"tp": float(comm.sum())} if self.cost.tp > 1 else {}
         if pp > 1:
             by_axis["pp"] = p2p * (pp - 1)

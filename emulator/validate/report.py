@@ -17,8 +17,9 @@ high), so bias shows; headlines and the verdict use magnitudes.
   with a host profile the prediction adds the wake-up cost after the idle time before the
   instance (HostOverhead.wake): for a group collective the mean over its ranks of the time
   since the rank left its previous op (the compute delay it ran), for a pipeline transfer
-  the time the receiver waited in its recv. Those are the measured *context* of the
-  transfer, not its outcome; the step-level errors use no measured input at all. The headline per bucket is the
+  the time its first side waited in the op (the receiver in its recv, or the sender in its
+  send until the receiver posted the recv: HostOverhead.p2p_wake with sender_waited).
+  Those are the measured *context* of the transfer, not its outcome; the step-level errors use no measured input at all. The headline per bucket is the
   largest magnitude over ops; the mean straggler wait is reported beside.
 - Requests: TTFT, TPOT and E2E at p50 and p90; the drain time (last finish - first arrival).
 """
@@ -106,15 +107,19 @@ def collective_instances(collectives: pa.Table, node_of_rank: list | None = None
     nbytes = np.maximum.reduceat(c["bytes"][order], starts).astype(np.float64)
     nbytes = np.where(op == "all_gather", nbytes * size, nbytes)
     # The idle time before each instance (the context of its wake-up cost): for a pipeline
-    # transfer how long the receiver waited in its recv; for a group collective the mean over
-    # its ranks of (own entry - own exit of the previous op in the step), 0 for the first.
-    is_recv = c["op"][order] == "recv"
+    # transfer how long its first side waited in the op for the other (the receiver for the
+    # activations, or the sender for the receiver's recv); for a group collective the mean
+    # over its ranks of (own entry - own exit of the previous op in the step), 0 for the first.
+    row_op = c["op"][order]
+    is_p2p = (row_op == "recv") | (row_op == "send")
+    waited = np.repeat(max_entry, size) - entry  # 0 for the last side to enter
     gap = _gap_before(c["replica"], c["step"], c["rank"], c["entry_s"], c["exit_s"])[order]
-    idle = np.where(is_recv, np.repeat(max_entry, size) - entry, gap)
-    p2p_idle = np.add.reduceat(np.where(is_recv, idle, 0.0), starts)
+    idle = np.where(is_p2p, waited, gap)
+    p2p_idle = np.add.reduceat(np.where(is_p2p, idle, 0.0), starts)
     group_idle = np.add.reduceat(idle, starts) / size
-    is_p2p_inst = np.add.reduceat(is_recv.astype(np.int64), starts) > 0
+    is_p2p_inst = np.add.reduceat(is_p2p.astype(np.int64), starts) > 0
     idle_before = np.where(is_p2p_inst, p2p_idle, group_idle)
+    sender_waited = np.add.reduceat(np.where(row_op == "send", waited, 0.0), starts) > 0
     ranks = c["rank"][order]
     if node_of_rank:
         nodes = np.asarray(node_of_rank, dtype=object)[ranks]
@@ -125,7 +130,8 @@ def collective_instances(collectives: pa.Table, node_of_rank: list | None = None
             "stage": c["stage"][order][starts],
             "op": op, "group_size": np.where(op == "send_recv", 2, size),
             "placement": np.where(inter, "inter", "intra"), "bytes": nbytes,
-            "time_s": time_s, "sync_wait_s": sync, "idle_before_s": idle_before}
+            "time_s": time_s, "sync_wait_s": sync, "idle_before_s": idle_before,
+            "sender_waited": sender_waited}
 
 
 def _gap_before(replica, step, rank, entry_s, exit_s) -> np.ndarray:
@@ -153,7 +159,9 @@ def collective_errors(inst: dict[str, np.ndarray], profile: CommProfile) -> dict
         inst["bytes"].tolist())])
     if profile.host is not None and delay_s is not None:
         p2p = inst["op"] == "send_recv"
-        pred = pred + np.where(p2p, profile.host.p2p_wake(delay_s), profile.host.wake(delay_s))
+        sender_waited = inst.get("sender_waited", np.zeros(p2p.size, bool))
+        pred = pred + np.where(p2p, profile.host.p2p_wake(delay_s, sender_waited),
+                               profile.host.wake(delay_s))
     rows, worst = [], {"small": None, "large": None}
     large = inst["bytes"] >= LARGE_BYTES
     for op in sorted(set(inst["op"].tolist())):

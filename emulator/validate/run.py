@@ -135,7 +135,8 @@ def validate(config: RunConfig, outdir: Path, *, host_probe: bool = True,
     profile = host_profile(config)
     if host_probe:
         host = probe_host(max(2, config.tp), profile, address=config.address,
-                          timeout_s=config.timeout_s, delay_mode=config.delay_mode)
+                          timeout_s=config.timeout_s, delay_mode=config.delay_mode,
+                          keep_awake=config.keep_awake)
         profile = profile.model_copy(update={"host": host, "name": f"{profile.name} "
                                              "(host overheads re-probed)"})
         save_profile(profile, Path(outdir) / "host-profile.json")

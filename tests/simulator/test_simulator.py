@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import numpy as np
 import pyarrow as pa
 import pytest
 
 from emulator.build import build_run
 from emulator.config import build_config
-from emulator.simulator.engine import Simulation
+from emulator.simulator.engine import CostModelExecutor, Simulation
 from emulator.simulator.run import simulate
 from emulator.trace.io import write_trace
 from emulator.trace.synth import synth_trace
@@ -123,3 +125,30 @@ def test_pipeline_with_ample_kv_keeps_every_micro_batch_in_flight(tmp_path):
     # When a plan enters stage 0, the 3 plans before it are still in the pipeline.
     assert all((end[k - 3:k] > start[k]).all() for k in range(3, slot.size))
     assert sim.num_events == sim._seq + 16 > 200  # heap events (>= 1 per plan) + arrivals
+
+
+def _two_stage_executor(host=None):
+    """An executor whose cost model prices every plan at compute [1, 2] + comm [0.1, 0.2]
+    per stage and a 0.5 s stage-to-stage transfer."""
+    cost = SimpleNamespace(tp=1, ep=1, step_work=lambda plan, prompt_tokens: None,
+                           stage_times=lambda work, replica: (np.array([1.0, 2.0]),
+                                                              np.array([0.1, 0.2]), 0.5))
+    req = SimpleNamespace(prompt_tokens=np.array([10]), num_output_tokens=np.array([0]))
+    ex = CostModelExecutor(cost, req, host=host)
+    if host is not None:
+        ex._host_terms = lambda work, pp: (0.0, np.zeros(pp))
+    plan = SimpleNamespace(request_index=np.array([0]), replica=0, step=0, micro_batch=0)
+    return ex, plan
+
+
+def test_pipeline_transfer_is_a_rendezvous():
+    ex, plan = _two_stage_executor()
+    # The receiving stage is free: stage 0 is done at 1.1, the transfer ends at 1.6.
+    r = ex.execute(plan, 0.0, np.array([0.0, 0.0]))
+    assert r.stage_start_s.tolist() == pytest.approx([0.0, 1.6])
+    assert r.stage_end_s.tolist() == pytest.approx([1.6, 3.8])
+    # Stage 1 is busy until 5: stage 0 stays in its send until the recv is posted, so it is
+    # not free for its next micro-batch before the transfer ends at 5.5.
+    r = ex.execute(plan, 0.0, np.array([0.0, 5.0]))
+    assert r.stage_start_s.tolist() == pytest.approx([0.0, 5.5])
+    assert r.stage_end_s.tolist() == pytest.approx([5.5, 7.7])
