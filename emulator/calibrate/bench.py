@@ -75,7 +75,7 @@ def iterations_for(num_bytes: int, num_iters: int) -> int:
 
 
 def run_bench(ops: Sequence[str], sizes: Sequence[int], worlds: Sequence[int], *,
-              num_iters: int = 20, num_warmup: int = 2, spread: bool = False,
+              num_iters: int = 40, num_warmup: int = 2, spread: bool = False,
               address: str | None = None, timeout_s: float = 60.0,
               keep_awake: str = "auto", on_row=None) -> pa.Table:
     """Time every (world, op, size); one row per iteration (RAW_SCHEMA). ``keep_awake``:

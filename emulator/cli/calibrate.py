@@ -27,8 +27,8 @@ def _bench_options(func):
         click.option("--world", default="2", show_default=True,
                      help="Comma-separated group sizes; keep ranks <= cores for timing "
                      "(larger worlds share cores and are noisy)."),
-        click.option("--iters", default=20, show_default=True,
-                     help="Timed iterations per size (fewer above 1 MiB, at least 3)."),
+        click.option("--iters", default=40, show_default=True,
+                     help="Timed iterations per size (fewer above 8 MiB, at least 3)."),
         click.option("--quick", is_flag=True, help="CI smoke range: 1K..1M, 5 iterations."),
         click.option("--spread", is_flag=True, help="Let Ray place ranks on any node "
                      "(measures 'inter' placement on a multi-node cluster)."),
