@@ -316,32 +316,20 @@ class Worker:
             num_kv_rows_written=0 if slot_ids is None else len(slot_ids))
 
     # -- microbenchmark ---------------------------------------------------------------------
-    def bench_collective(self, op: str, num_bytes: int, num_iters: int, num_warmup: int = 2,
-                         axis: str = "world", p2p_delay_s: float = 0.0,
-                         delay_receiver: bool = False) -> np.ndarray:
-        """Time ``num_iters`` calls of ``op`` over the ``axis`` group (``emulator bench``).
-
-        ``num_bytes`` follows nccl-tests' "size": all_reduce the buffer, all_gather the
-        gathered output, all_to_all each rank's send buffer, send_recv the message (group
-        index 0 sends to index 1, other ranks only join the barriers). Every iteration starts
-        with a barrier so the ranks enter together, as after a step's previous collective;
-        ``p2p_delay_s`` (send_recv only) delays the sender after it, so the receiver idles
-        in its recv as a pipeline stage waiting for activations does; with
-        ``delay_receiver`` the receiver is delayed instead, and the sender idles in its send
-        (gloo's send waits for the receiver to post its recv, as a stage whose successor is
-        still busy with the previous micro-batch does). Returns float64 [num_iters, 2]: (entry_s,
-        exit_s) per iteration on the driver clock. Must run concurrently on every rank of
-        the group; buffers are freed on return.
-        """
-        return self.bench_sizes(op, [num_bytes], [num_iters], num_warmup, axis,
-                                p2p_delay_s, delay_receiver)[0]
-
     def bench_sizes(self, op: str, sizes: list[int], num_iters: list[int],
-                    num_warmup: int = 2, axis: str = "world", p2p_delay_s: float = 0.0,
-                    delay_receiver: bool = False) -> list[np.ndarray]:
-        """:meth:`bench_collective` over several sizes, round robin: round i times every size
-        j with ``num_iters[j] > i`` once, so a burst of load elsewhere on the host spreads
-        over all sizes instead of skewing one. Returns one [num_iters[j], 2] array per size."""
+                    num_warmup: int = 2, axis: str = "world") -> list[np.ndarray]:
+        """Time ``num_iters[j]`` calls of ``op`` of each size ``sizes[j]`` over the ``axis``
+        group (``emulator bench``), round robin: round i times every size j with
+        ``num_iters[j] > i`` once, so a burst of load elsewhere on the host spreads over all
+        sizes instead of skewing one.
+
+        Sizes follow nccl-tests' "size": all_reduce the buffer, all_gather the gathered
+        output, all_to_all each rank's send buffer, send_recv the message (group index 0
+        sends to index 1, other ranks only join the barriers). Every call starts with a
+        barrier so the ranks enter together, as after a step's previous collective. Returns
+        one float64 [num_iters[j], 2] array of (entry_s, exit_s) per size, on the driver
+        clock. Must run concurrently on every rank of the group; buffers are freed on return.
+        """
         group = self._groups.get(axis) if axis != "world" else None
         if axis != "world" and group is None:
             raise ValueError(f"rank {self.rank} has no '{axis}' group")
@@ -373,16 +361,12 @@ class Worker:
             return lambda: None
 
         calls = [call_for(size) for size in sizes]
-        delayed = op == "send_recv" and me == (1 if delay_receiver else 0)
-        pre_delay_s = p2p_delay_s if delayed else 0.0
         times = [np.empty((k, 2)) for k in num_iters]
         for i in range(num_warmup + max(num_iters)):
             for j, call in enumerate(calls):
                 if i >= num_warmup + num_iters[j]:
                     continue
                 dist.barrier(group=group)
-                if pre_delay_s > 0:
-                    self._delay(pre_delay_s)
                 entry_s = self._now()
                 call()
                 self._synchronize()
