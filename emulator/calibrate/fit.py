@@ -104,8 +104,11 @@ def measured_pieces(num_bytes: np.ndarray, time_s: np.ndarray,
     x = np.asarray(num_bytes, dtype=np.float64)
     order = np.argsort(x, kind="stable")
     xs, ts = x[order], np.asarray(time_s, dtype=np.float64)[order]
-    keep = np.r_[xs[1:] != xs[:-1], True]  # one point per size (callers pass medians)
+    # One point per size (callers pass medians); a piece starts at a size > 0.
+    keep = np.r_[xs[1:] != xs[:-1], True] & (xs > 0)
     xs, ts = xs[keep], isotonic(ts[keep])
+    if xs.size == 0:
+        return []
     pieces = []
     for i in range(xs.size - 1):
         slope = (ts[i + 1] - ts[i]) / (xs[i + 1] - xs[i])
@@ -113,7 +116,7 @@ def measured_pieces(num_bytes: np.ndarray, time_s: np.ndarray,
                                 slope_s_per_byte=slope))
     pieces.append(LinePiece(from_bytes=xs[-1], alpha_s=ts[-1] - slope_s_per_byte * xs[-1],
                             slope_s_per_byte=slope_s_per_byte))
-    return [p for p in pieces if p.from_bytes > 0]
+    return pieces
 
 
 def model_bytes(op: str, bench_bytes: np.ndarray, group_size: int) -> np.ndarray:

@@ -2,7 +2,8 @@
 
 A profile holds one straight line ``time_s = alpha_s + bytes * (beta_s_per_byte +
 gamma_s_per_byte)`` per (op, group size, placement), optionally continued by further
-segments from given sizes on (``CommEntry.pieces``: a calibrated profile's measured curve). The line is *collective level*: it
+segments from given sizes on (``CommEntry.pieces``: a calibrated profile's measured curve).
+The line is *collective level*: it
 already contains the algorithm's step count, so a calibrated profile (``emulator
 calibrate``, measured on the host) and one derived from hardware specs are used the same way.
 
@@ -44,6 +45,7 @@ uses the lines unscaled (the host fabric against the target's compute).
 
 from __future__ import annotations
 
+from bisect import bisect_right
 from collections.abc import Iterable
 from typing import Literal
 
@@ -105,13 +107,17 @@ class CommEntry(BaseModel):
         "below the first). A calibrated profile carries its measured per-size medians this way "
         "(calibrate.fit.measured_pieces): the library switches algorithm with the size.")
 
+    _starts: list[float] = PrivateAttr(default_factory=list)
+
     def time_s(self, num_bytes: float) -> float:
         """Predicted time of one call moving ``num_bytes`` (0 bytes costs nothing)."""
         if num_bytes <= 0:
             return 0.0
-        for piece in reversed(self.pieces):
-            if num_bytes >= piece.from_bytes:
-                return piece.alpha_s + num_bytes * piece.slope_s_per_byte
+        # The simulator prices every step's collectives here: bisect the pieces' starts.
+        k = bisect_right(self._starts, num_bytes)
+        if k:
+            piece = self.pieces[k - 1]
+            return piece.alpha_s + num_bytes * piece.slope_s_per_byte
         return self.alpha_s + num_bytes * (self.beta_s_per_byte + self.gamma_s_per_byte)
 
     def scaled(self, factor: float) -> CommEntry:
@@ -130,6 +136,7 @@ class CommEntry(BaseModel):
         starts = [p.from_bytes for p in self.pieces]
         if any(b <= a for a, b in zip(starts, starts[1:])):
             raise ValueError("pieces must have strictly ascending from_bytes")
+        self._starts = starts
         return self
 
 
