@@ -131,26 +131,24 @@ def measure_pipeline_wake(group, line_s, num_bytes: int = PROBE_BYTES,
     steps. The step boundaries (results shipped to the driver, the next call started) fall
     right around these transfers, so they cost more than in a bare microbenchmark."""
     line = line_s("send_recv", num_bytes)
-    base = 2e-4
+    base_s = 2e-4  # the faster stage's delay
+    warmup = 2     # plans whose transfers fall while the pipeline fills
     wakes: dict[bool, list[float]] = {False: [], True: []}
     for sender_waits in (False, True):
         for d in grid_s:
-            delays = (base, base + d) if sender_waits else (base + d, base)
-            work = pipeline_work(delays, num_bytes)
-            pending, excess = [], []
-            for i in range(num_steps + 2):
-                pending.append(group.submit_replica_step(0, work, None, 1.0,
-                                                         step_key=("p2p", sender_waits, d, i)))
-                if len(pending) < 2 and i < num_steps + 1:
-                    continue  # keep two plans in flight
-                recs = group.collect(pending.pop(0))
-                if i < 3:
-                    continue  # warm-up: the pipeline fills
-                entry = max(r.coll_entry_s[0] for r in recs)
-                exit_ = max(r.coll_exit_s[0] for r in recs)
-                excess.append(exit_ - entry - line)
-            for p in pending:
-                group.collect(p)
+            work = pipeline_work((base_s, base_s + d) if sender_waits else (base_s + d, base_s),
+                                 num_bytes)
+            submit = lambda i: group.submit_replica_step(  # noqa: E731
+                0, work, None, 1.0, step_key=("p2p", sender_waits, d, i))
+            in_flight, excess = submit(0), []
+            for i in range(1, warmup + num_steps + 1):
+                nxt = submit(i)  # two plans in flight while the older one is collected
+                recs = group.collect(in_flight)
+                in_flight = nxt
+                if i > warmup:  # one transfer per plan: (max exit - max entry) - line
+                    excess.append(max(r.coll_exit_s[0] for r in recs)
+                                  - max(r.coll_entry_s[0] for r in recs) - line)
+            group.collect(in_flight)
             wakes[sender_waits].append(max(0.0, float(np.median(excess))))
     return list(grid_s), wakes[False], wakes[True]
 

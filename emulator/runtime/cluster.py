@@ -223,7 +223,7 @@ class WorkerGroup:
                 best_rtt_s, offset_s = t1 - t0, (t0 + t1) / 2 - worker_s
         return offset_s, best_rtt_s
 
-    # -- memory ---------------------------------------------------------------------------
+    # -- host mode ----------------------------------------------------------------------
     def set_host_mode(self, delay_mode: str = "auto", keep_awake: str = "auto") -> list[dict]:
         """How every rank waits (Worker.set_host_mode): delays spun or slept, and the node's
         idle-priority spinners (one per CPU, shared out among the ranks on each node)."""
@@ -233,6 +233,7 @@ class WorkerGroup:
                          for r, a in enumerate(self.actors)],
                         self.timeout_s, "set the host mode")
 
+    # -- memory ---------------------------------------------------------------------------
     def allocate(self, weight_shapes: list[tuple[int, ...]], kv_num_blocks: int,
                  kv_block_elems: int, memory_scale: float, *,
                  kv_block_size_tokens: int = 16,
