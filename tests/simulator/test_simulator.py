@@ -152,3 +152,20 @@ def test_pipeline_transfer_is_a_rendezvous():
     r = ex.execute(plan, 0.0, np.array([0.0, 5.0]))
     assert r.stage_start_s.tolist() == pytest.approx([0.0, 5.5])
     assert r.stage_end_s.tolist() == pytest.approx([5.5, 7.7])
+
+
+def test_pipeline_wake_up_is_paid_by_the_side_that_idled():
+    from emulator.cost.comm import HostOverhead
+
+    host = HostOverhead(num_ranks=2, step_gap_s=0.0, step_fixed_s=0.0, delay_grid_s=[0.0],
+                        delay_excess_s=[0.0], collective_excess_s=[0.0], wake_s=[0.0],
+                        p2p_idle_grid_s=[0.0, 10.0], p2p_wake_s=[0.0, 1.0],
+                        p2p_send_wake_s=[0.0, 2.0])
+    ex, plan = _two_stage_executor(host)
+    # Stage 1 free at 0: its recv idles 1.1 s for stage 0 -> receiver wake 0.11.
+    r = ex.execute(plan, 0.0, np.array([0.0, 0.0]))
+    assert r.stage_end_s[0] == pytest.approx(1.1 + 0.11 + 0.5)
+    # Stage 1 busy until 5: stage 0's send idles 3.9 s -> sender wake 0.78.
+    r = ex.execute(plan, 0.0, np.array([0.0, 5.0]))
+    assert r.stage_end_s[0] == pytest.approx(5.0 + 0.78 + 0.5)
+    assert r.stage_start_s[1] == r.stage_end_s[0]
