@@ -34,15 +34,16 @@ import numpy as np
 
 
 def raw_allreduce_median_s(num_bytes: int, world: int, iters: int, delay_s: float = 0.0,
-                           spin_s: float = 0.0) -> float:
+                           spin_s: float = 0.0, realtime: bool = False) -> float:
     """Median seconds of a gloo all-reduce of num_bytes among `world` bare processes, each
-    call preceded by a delay of delay_s (waited like a worker waits: spin_s spun)."""
+    call preceded by a delay of delay_s (waited like a worker waits: spin_s spun; with
+    ``realtime`` the processes run at the ranks' real-time priority)."""
     import torch.multiprocessing as mp
 
     ctx = mp.get_context("spawn")
     queue = ctx.SimpleQueue()
     port = 29000 + os.getpid() % 1000
-    procs = [ctx.Process(target=_raw_worker, args=(r, world, port, num_bytes, iters, delay_s, spin_s, queue))
+    procs = [ctx.Process(target=_raw_worker, args=(r, world, port, num_bytes, iters, delay_s, spin_s, realtime, queue))
              for r in range(world)]
     for p in procs:
         p.start()
@@ -52,14 +53,16 @@ def raw_allreduce_median_s(num_bytes: int, world: int, iters: int, delay_s: floa
     return statistics.median(t for rank_times in results for t in rank_times)
 
 
-def _raw_worker(rank, world, port, num_bytes, iters, delay_s, spin_s, queue):
+def _raw_worker(rank, world, port, num_bytes, iters, delay_s, spin_s, realtime, queue):
     import torch
     import torch.distributed as dist
 
+    from emulator.runtime.awake import set_realtime
     from emulator.runtime.delay import precise_sleep
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), GLOO_SOCKET_IFNAME="lo")
     dist.init_process_group("gloo", rank=rank, world_size=world)
+    set_realtime(realtime)
     buf = torch.zeros(num_bytes // 2, dtype=torch.bfloat16)  # as the workers do
     for _ in range(10):
         dist.all_reduce(buf)
@@ -111,6 +114,9 @@ def main() -> None:
     ap.add_argument("--keep-awake", default="auto", choices=["auto", "on", "off"],
                     help="idle-priority spinners per CPU, in the emulation and (the same "
                     "number) around the raw references")
+    ap.add_argument("--rank-priority", default="auto", choices=["auto", "realtime", "normal"],
+                    help="CPU priority of the ranks, in the emulation and (as the emulation "
+                    "ran) in the raw references")
     args = ap.parse_args()
 
     from rich.console import Console
@@ -131,7 +137,8 @@ def main() -> None:
                             seed=0), trace_path)
     cfg = build_config(trace=trace_path, model=args.model, hardware=args.hardware, tp=args.tp,
                        dilation=args.dilation, memory_scale=1e-3, timeout_s=60,
-                       delay_mode=args.delay_mode, keep_awake=args.keep_awake)
+                       delay_mode=args.delay_mode, keep_awake=args.keep_awake,
+                       rank_priority=args.rank_priority)
     setup = build_run(cfg, record_slots=True)
     with start_ray(None):
         rtt_s = bare_round_trip_s()
@@ -155,19 +162,19 @@ def main() -> None:
     iters = max(200, min(2000, int(mask.sum())))
     # The raw references run under the same host conditions: the same spinners, and each
     # delayed all-reduce after a compute delay of the step's median per-collective length,
-    # waited the way the workers wait.
-    from emulator.runtime.awake import IdleSpinners, cpus_available, wants_keep_awake
-    from emulator.runtime.delay import spin_for
-    awake = wants_keep_awake(args.keep_awake, "gloo")
-    spin_s = spin_for(args.delay_mode, args.tp, cpus_available(), keep_awake=awake)
+    # waited the way the workers wait, at the priority they ran at.
+    from emulator.runtime.awake import IdleSpinners, cpus_available
+    awake = emu.host_mode[0]["spinners"] > 0
+    spin_s, realtime = emu.host_mode[0]["spin_s"], emu.host_mode[0]["realtime"]
     decode = steps["num_prefill_tokens"].to_numpy() == 0
     per_op_delay_s = float(np.median(steps["compute_s"].to_numpy()[decode])) * d \
         / (2 * setup.model.num_layers / setup.layout.pp)
     spinners = IdleSpinners()
     spinners.start(cpus_available() if awake else 0)
     try:
-        raw_s = raw_allreduce_median_s(size, args.tp, iters)
-        raw_delayed_s = raw_allreduce_median_s(size, args.tp, iters, per_op_delay_s, spin_s)
+        raw_s = raw_allreduce_median_s(size, args.tp, iters, realtime=realtime)
+        raw_delayed_s = raw_allreduce_median_s(size, args.tp, iters, per_op_delay_s, spin_s,
+                                               realtime)
     finally:
         spinners.stop()
 
@@ -197,7 +204,8 @@ def main() -> None:
               f"bare Ray round trip {rtt_s * 1e3:.3f} ms", f"{overhead_s / num_steps / rtt_s:.2f}")
     Console().print(t)
     print(f"delay mode {args.delay_mode} (spun tail {spin_s:g} s), keep-awake "
-          f"{args.keep_awake} ({spinners_note(awake)}); "
+          f"{args.keep_awake} ({spinners_note(awake)}); rank priority {args.rank_priority} "
+          f"({'realtime' if realtime else 'normal'}); "
           f"load average: {os.getloadavg()}")
 
 

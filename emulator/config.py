@@ -57,6 +57,8 @@ class RunConfig(BaseModel):
         "auto", description="How workers wait out compute delays: sleep, spin (keeps the CPU awake, so a following collective is not slowed by a wake-up, but holds a core), or auto (sleep when keep_awake is on, else spin when every rank has a core).")
     keep_awake: Literal["auto", "on", "off"] = Field(
         "auto", description="Run one idle-priority (SCHED_IDLE) spinner per CPU on each node while the workers live, so idle virtual CPUs do not add milliseconds of wake-up to every collective; auto: on with the gloo backend.")
+    rank_priority: Literal["auto", "realtime", "normal"] = Field(
+        "auto", description="CPU priority of the ranks' threads: realtime (SCHED_FIFO 1: a rank that wakes preempts the driver and Ray's daemons at once, instead of waiting up to a time slice; needs slept delays and root or an rtprio limit), normal, or auto (realtime on the gloo backend when delays are slept and it is permitted).")
 
     @model_validator(mode="after")
     def _check(self) -> "RunConfig":
@@ -66,6 +68,8 @@ class RunConfig(BaseModel):
             raise ValueError("expert_skew=file needs expert_popularity (a file of one weight per routed expert)")
         if self.expert_popularity is not None and self.expert_skew != "file":
             raise ValueError(f"expert_popularity is set but expert_skew={self.expert_skew}; set expert_skew=file or drop expert_popularity")
+        if self.rank_priority == "realtime" and self.delay_mode == "spin":
+            raise ValueError("rank_priority=realtime needs slept delays, got delay_mode=spin (a spinning real-time rank would starve every other process on its CPU); use delay_mode=sleep or auto, or rank_priority=auto")
         return self
 
     @property

@@ -26,6 +26,7 @@ import pyarrow as pa
 from emulator.calibrate.fit import BUS_FACTOR
 from emulator.cost.comm import COMM_OPS
 from emulator.errors import ConfigError
+from emulator.runtime.awake import HostMode
 
 RAW_SCHEMA = pa.schema([("op", pa.string()), ("group_size", pa.int32()),
                         ("placement", pa.string()), ("bytes", pa.int64()),
@@ -77,9 +78,9 @@ def iterations_for(num_bytes: int, num_iters: int) -> int:
 def run_bench(ops: Sequence[str], sizes: Sequence[int], worlds: Sequence[int], *,
               num_iters: int = 40, num_warmup: int = 2, spread: bool = False,
               address: str | None = None, timeout_s: float = 60.0,
-              keep_awake: str = "auto", on_row=None) -> pa.Table:
-    """Time every (world, op, size); one row per iteration (RAW_SCHEMA). ``keep_awake``:
-    the ranks' idle-priority spinners (runtime.awake), as in the emulation to be priced."""
+              host_mode: HostMode = HostMode(), on_row=None) -> pa.Table:
+    """Time every (world, op, size); one row per iteration (RAW_SCHEMA). ``host_mode``:
+    the ranks' spinners and priority (runtime.awake), as in the emulation to be priced."""
     from emulator.runtime.cluster import WorkerGroup
     from emulator.runtime.ray_setup import start_ray
     from emulator.specs import ParallelLayout
@@ -92,7 +93,7 @@ def run_bench(ops: Sequence[str], sizes: Sequence[int], worlds: Sequence[int], *
                 raise ConfigError(f"--world {world}: a collective needs at least 2 ranks")
             layout = ParallelLayout(dp=world) if spread else ParallelLayout(tp=world)
             with WorkerGroup(layout, backend="gloo", timeout_s=timeout_s) as group:
-                group.set_host_mode("auto", keep_awake)
+                group.set_host_mode(host_mode)
                 nodes = group.node_of_rank()
                 for op in ops:
                     if op == "send_recv" and w > 0:

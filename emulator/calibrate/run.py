@@ -12,14 +12,14 @@ from emulator.calibrate.fit import FitPoint, fit_profile
 from emulator.cost.comm import CommProfile, HostOverhead
 from emulator.cost.profile_io import save_profile
 from emulator.errors import ConfigError
+from emulator.runtime.awake import HostMode
 
 
 def probe_host(world: int, profile: CommProfile, *, address: str | None = None,
-               timeout_s: float = 60.0, delay_mode: str = "auto",
-               keep_awake: str = "auto") -> HostOverhead:
+               timeout_s: float = 60.0, host_mode: HostMode = HostMode()) -> HostOverhead:
     """Start ``world`` workers (TP over all of them) and measure the host overheads against
-    ``profile``'s lines, with the ranks waiting as an emulation with ``delay_mode`` and
-    ``keep_awake`` waits (the overheads differ a lot between them)."""
+    ``profile``'s lines, with the ranks waiting as an emulation in ``host_mode`` waits (the
+    overheads differ a lot between modes)."""
     from emulator.calibrate.host import measure_host_overhead, measure_pipeline_wake
     from emulator.runtime.cluster import WorkerGroup
     from emulator.runtime.ray_setup import start_ray
@@ -30,12 +30,12 @@ def probe_host(world: int, profile: CommProfile, *, address: str | None = None,
 
     with start_ray(address):
         with WorkerGroup(ParallelLayout(tp=world), backend="gloo", timeout_s=timeout_s) as g:
-            g.set_host_mode(delay_mode, keep_awake)
+            g.set_host_mode(host_mode)
             host = measure_host_overhead(g, line_s)
         if not any(e.op == "send_recv" for e in profile.entries):
             return host
         with WorkerGroup(ParallelLayout(pp=2), backend="gloo", timeout_s=timeout_s) as g:
-            g.set_host_mode(delay_mode, keep_awake)
+            g.set_host_mode(host_mode)
             grid, recv_wake, send_wake = measure_pipeline_wake(g, line_s)
         return host.model_copy(update={"p2p_idle_grid_s": grid, "p2p_wake_s": recv_wake,
                                        "p2p_send_wake_s": send_wake})
@@ -43,10 +43,11 @@ def probe_host(world: int, profile: CommProfile, *, address: str | None = None,
 
 def calibrate(raw: pa.Table, *, name: str, host_probe: bool = True,
               address: str | None = None, output: Path | None = None,
-              keep_awake: str = "auto", measured_curve: bool = True
+              host_mode: HostMode = HostMode(), measured_curve: bool = True
               ) -> tuple[CommProfile, list[FitPoint]]:
     """Fit ``raw`` (RAW_SCHEMA rows of `bench collectives`) and, with ``host_probe``, measure
-    the host overheads on the smallest benchmarked world; save to ``output`` if given."""
+    the host overheads on the smallest benchmarked world (ranks in ``host_mode``); save to
+    ``output`` if given."""
     missing = [c for c in RAW_SCHEMA.names if c not in raw.column_names]
     if missing:
         raise ConfigError(f"benchmark table lacks columns {missing}; pass the Parquet "
@@ -66,7 +67,7 @@ def calibrate(raw: pa.Table, *, name: str, host_probe: bool = True,
         worlds = [n for n, o in zip(med["group_size"].to_pylist(), med["op"].to_pylist())
                   if o != "send_recv"] or [2]
         host = probe_host(int(np.min(worlds)), profile, address=address,
-                          keep_awake=keep_awake)
+                          host_mode=host_mode)
         profile = profile.model_copy(update={"host": host})
     if output is not None:
         save_profile(profile, output)

@@ -12,6 +12,7 @@ from rich.table import Table
 
 from emulator.cli.options import COMMON_FIELDS, EMULATION_FIELDS, config_options
 from emulator.metrics.format import format_seconds
+from emulator.runtime.awake import HostMode
 
 QUICK = {"min_bytes": "1K", "max_bytes": "1M", "iters": 5}
 
@@ -36,12 +37,16 @@ def _bench_options(func):
         click.option("--keep-awake", type=click.Choice(["auto", "on", "off"]), default="auto",
                      show_default=True, help="Idle-priority spinners per CPU while measuring "
                      "(as `emulate --keep-awake`; measure the way the emulation will run)."),
+        click.option("--rank-priority", type=click.Choice(["auto", "realtime", "normal"]),
+                     default="auto", show_default=True, help="CPU priority of the ranks "
+                     "while measuring (as `emulate --rank-priority`)."),
     ]):
         func = opt(func)
     return func
 
 
-def _run_bench(ops, min_bytes, max_bytes, world, iters, quick, spread, address, keep_awake):
+def _run_bench(ops, min_bytes, max_bytes, world, iters, quick, spread, address, keep_awake,
+               rank_priority):
     from emulator.calibrate.bench import parse_size, run_bench, sizes_between
 
     if quick:
@@ -51,7 +56,8 @@ def _run_bench(ops, min_bytes, max_bytes, world, iters, quick, spread, address, 
     worlds = [int(w) for w in str(world).split(",") if w.strip()]
     console = Console(stderr=True)
     return run_bench([o.strip() for o in ops.split(",")], sizes, worlds, num_iters=iters,
-                     spread=spread, address=address, keep_awake=keep_awake,
+                     spread=spread, address=address,
+                     host_mode=HostMode(keep_awake=keep_awake, rank_priority=rank_priority),
                      on_row=lambda op, n, b, t: console.print(
                          f"  {op:<10} n={n} {b:>10} B {format_seconds(t)}", highlight=False))
 
@@ -112,10 +118,12 @@ def calibrate(output, from_bench, no_host_probe, name, line_only, **kw):
     else:
         raw = _run_bench(**{k: kw[k] for k in ("ops", "min_bytes", "max_bytes", "world",
                                                "iters", "quick", "spread", "address",
-                                               "keep_awake")})
+                                               "keep_awake", "rank_priority")})
     profile, points = run(raw, name=name or socket.gethostname(),
                           host_probe=not no_host_probe, address=kw["address"], output=output,
-                          keep_awake=kw["keep_awake"], measured_curve=not line_only)
+                          host_mode=HostMode(keep_awake=kw["keep_awake"],
+                                             rank_priority=kw["rank_priority"]),
+                          measured_curve=not line_only)
     table = Table(title=f"fit of {profile.name}: alpha + bytes x (beta + gamma)")
     for col in ("op", "ranks", "place", "alpha", "beta (ns/B)", "gamma (ns/B)",
                 "prices with"):

@@ -28,6 +28,7 @@ from ray.exceptions import (GetTimeoutError, OutOfMemoryError, RayActorError, Ra
 
 from emulator.core.work import StepWork
 from emulator.errors import RunError
+from emulator.runtime.awake import HostMode
 from emulator.runtime.diagnose import describe_stuck
 from emulator.runtime.groups import stage_ranks, world_size_of
 from emulator.runtime.ray_setup import LOCAL_HOST, LayoutLike, Placement, alive_nodes, placement
@@ -224,12 +225,13 @@ class WorkerGroup:
         return offset_s, best_rtt_s
 
     # -- host mode ----------------------------------------------------------------------
-    def set_host_mode(self, delay_mode: str = "auto", keep_awake: str = "auto") -> list[dict]:
-        """How every rank waits (Worker.set_host_mode): delays spun or slept, and the node's
-        idle-priority spinners (one per CPU, shared out among the ranks on each node)."""
+    def set_host_mode(self, mode: HostMode = HostMode()) -> list[dict]:
+        """How every rank waits (Worker.set_host_mode): delays spun or slept, the node's
+        idle-priority spinners (one per CPU, shared out among the ranks on each node), and
+        the ranks' CPU priority."""
         nodes = self.node_of_rank()
-        return self.get([a.set_host_mode.remote(delay_mode, keep_awake,
-                                                nodes[:r].count(nodes[r]), nodes.count(nodes[r]))
+        return self.get([a.set_host_mode.remote(mode, nodes[:r].count(nodes[r]),
+                                                nodes.count(nodes[r]))
                          for r, a in enumerate(self.actors)],
                         self.timeout_s, "set the host mode")
 

@@ -29,6 +29,7 @@ import ray
 from emulator.build import RunSetup
 from emulator.core.plan import BatchPlan
 from emulator.errors import RunError
+from emulator.runtime.awake import HostMode
 from emulator.metrics.records import CollectiveRecords, StepRecords
 from emulator.runtime.cluster import PendingStep, WorkerGroup
 from emulator.runtime.faults import fault_from_env, inject
@@ -78,6 +79,9 @@ class Emulation:
         self.collectives = CollectiveRecords()
         self.stats = ControlStats()
         self.t0 = 0.0
+        self._fault = None  # EMULATOR_FAULT, armed by run()
+        self.host_mode: list[dict] = []
+        """Per rank, how it waits (Worker.set_host_mode's report); set by allocate()."""
         self._order = np.argsort(self.requests.arrival_s, kind="stable")
         self._next = 0
         pp = setup.layout.pp
@@ -90,10 +94,10 @@ class Emulation:
     # ---- set-up -------------------------------------------------------------------------
     def allocate(self) -> list:
         """Weight shards and the KV pool on every rank (real tensors x memory_scale), and
-        how the ranks wait (delays spun or slept, idle-priority spinners; see
-        WorkerGroup.set_host_mode)."""
+        how the ranks wait (delays spun or slept, idle-priority spinners, CPU priority; see
+        WorkerGroup.set_host_mode, reported per rank in the tables' ``extra["host_mode"]``)."""
         setup, cfg = self.setup, self.setup.config
-        self.group.set_host_mode(cfg.delay_mode, cfg.keep_awake)
+        self.host_mode = self.group.set_host_mode(HostMode.of(cfg))
         return self.group.allocate(
             [], setup.memory.num_kv_blocks,
             setup.memory.kv_bytes_per_block_per_rank // ELEMENT_BYTES, cfg.memory_scale,
@@ -115,7 +119,7 @@ class Emulation:
         ``checkpoint_interval_s`` host seconds while the run lasts."""
         self.t0 = time.monotonic()
         n = len(self.requests)
-        fault = fault_from_env()
+        self._fault = fault_from_env()
         next_checkpoint = self.t0 + checkpoint_interval_s
         while True:
             if on_checkpoint is not None and time.monotonic() >= next_checkpoint:
@@ -124,10 +128,7 @@ class Emulation:
                 self.stats.checkpoint_s += time.monotonic() - tick
                 self.stats.num_checkpoints += 1
                 next_checkpoint = time.monotonic() + checkpoint_interval_s
-            now_s = self._now_s()
-            while self._next < n and self.requests.arrival_s[self._order[self._next]] <= now_s:
-                self._arrive(int(self._order[self._next]), now_s)
-                self._next += 1
+            now_s = self._admit()
             tick = time.monotonic()
             for r in range(len(self.schedulers)):
                 self._submit(r, now_s)
@@ -151,10 +152,16 @@ class Emulation:
             finished = self._wait_and_complete()
             if finished and on_progress is not None:
                 on_progress(finished)
-            if fault is not None and self.stats.num_steps >= fault.step:
-                inject(fault, self.group)
-                fault = None
         self.stats.wall_s = time.monotonic() - self.t0
+
+    def _admit(self) -> float:
+        """Hand every request that has arrived by now to its replica; returns now."""
+        now_s = self._now_s()
+        n = len(self.requests)
+        while self._next < n and self.requests.arrival_s[self._order[self._next]] <= now_s:
+            self._arrive(int(self._order[self._next]), now_s)
+            self._next += 1
+        return now_s
 
     def _arrive(self, idx: int, now_s: float) -> None:
         r = self.router.route_to(idx, self.schedulers)
@@ -162,6 +169,9 @@ class Emulation:
 
     def _submit(self, r: int, now_s: float) -> None:
         sched, slots = self.schedulers[r], self._free_slots[r]
+        if self._fault is not None and self.stats.num_steps >= self._fault.step:
+            inject(self._fault, self.group)  # before the step it names is submitted
+            self._fault = None
         while slots and sched.has_work:
             plan = sched.schedule(now_s, slots[0])
             if plan is None:
@@ -206,15 +216,24 @@ class Emulation:
         if ready:
             # Collect everything else that is done too, without waiting.
             ready |= set(ray.wait(pending, num_returns=len(pending), timeout=0)[0])
+        # Completions are handled one at a time, in submission order (a replica's plans
+        # finish in that order), and the replica plans again after each, as the simulator
+        # does at each completion event: when a slow driver finds several plans of a
+        # replica done at once, the scheduler still sees the same states in the same order.
         finished, still = 0, []
-        for f in self._inflight:
+        current, self._inflight = self._inflight, []  # _submit appends the new plans here
+        for f in current:
             if self.group.poll(f.pending, ready):  # raises RunError if a rank failed
                 finished += self._complete(f)
+                now_s = self._admit()
+                tick = time.monotonic()
+                self._submit(f.plan.replica, now_s)
+                self.stats.schedule_s += time.monotonic() - tick
             elif time.monotonic() >= f.pending.deadline_s:
                 raise self.group.fail(f.pending)
             else:
                 still.append(f)
-        self._inflight = still
+        self._inflight = still + self._inflight
         return finished
 
     def _complete(self, f: _InFlight) -> int:
@@ -332,6 +351,7 @@ class Emulation:
                             "driver_busy_s": st.schedule_s, "idle_s": st.idle_s,
                             "checkpoint_s": st.checkpoint_s,
                             "num_checkpoints": st.num_checkpoints}
+        extra["host_mode"] = self.host_mode
         moe = self.__dict__.get("moe_records")
         return RunTables(requests=request_table(self.requests).to_table(),
                          steps=self.steps.to_table(), collectives=self.collectives.finalize(),

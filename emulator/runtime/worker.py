@@ -40,8 +40,11 @@ import torch.distributed as dist
 
 from emulator.core.routing import route
 from emulator.core.work import StageWork
-from emulator.runtime.awake import IdleSpinners, cpus_available, spinners_for, wants_keep_awake
-from emulator.runtime.delay import SPIN_S, CudaStreamDelay, precise_sleep, spin_for
+from emulator.runtime.awake import (HostMode, IdleSpinners, cpus_available, realtime_allowed,
+                                    set_realtime, spinners_for, wants_keep_awake,
+                                    wants_realtime)
+from emulator.runtime.delay import (REALTIME_SPIN_S, SPIN_S, CudaStreamDelay, precise_sleep,
+                                    spin_for)
 from emulator.runtime.groups import TimedCollectives, init_process_groups, rank_topology
 from emulator.runtime.ray_setup import LayoutLike
 from emulator.runtime.records import COMPUTE_KINDS, NO_LAYER, CollectiveState, StepRecords
@@ -127,6 +130,7 @@ class Worker:
             self._delay = precise_sleep
             self._synchronize = lambda: None
         self.spin_s = SPIN_S
+        self.realtime = False
         self._spinners = IdleSpinners()
         self._coll = TimedCollectives(rank, {}, self._device, self._now, self._synchronize)
         self._groups: dict = {}
@@ -186,6 +190,11 @@ class Worker:
         row_elems = max(1, round(kv_block_elems * memory_scale / kv_block_size_tokens))
         self._kv_pool = torch.zeros(num_rows, row_elems, dtype=DTYPE, device=self._device)
         self._kv_written = np.zeros(num_rows, dtype=bool)
+        # Run the KV write path once on row 0 and undo it: its first call loads code
+        # (numpy's set routines take ~7 ms), which would otherwise land in the first step.
+        self._write_kv(np.zeros(1, dtype=np.int64))
+        self._kv_pool[0].zero_()
+        self._kv_written[0] = False
         self._num_kv_rows_in_use = 0
         return AllocationReport(
             rank=self.rank, weight_bytes_allocated=weight_alloc,
@@ -376,19 +385,28 @@ class Worker:
         return times
 
     # -- control --------------------------------------------------------------------------
-    def set_host_mode(self, delay_mode: str, keep_awake: str, local_index: int,
-                      ranks_on_node: int) -> dict:
-        """How this rank waits: compute delays spun or slept (delay.spin_for), and whether
-        it runs its share of the node's idle-priority spinners (runtime.awake). Returns
-        ``{"spin_s": spun tail of a delay, "spinners": spinners this rank runs}``."""
+    def set_host_mode(self, mode: HostMode, local_index: int, ranks_on_node: int) -> dict:
+        """How this rank waits: compute delays spun or slept (delay.spin_for), whether it
+        runs its share of the node's idle-priority spinners, and whether its threads run at
+        real-time priority (runtime.awake). Returns ``{"spin_s": spun tail of a delay,
+        "spinners": spinners this rank runs, "realtime": bool}``."""
         cpus = cpus_available()
-        awake = wants_keep_awake(keep_awake, self.backend)
+        awake = wants_keep_awake(mode.keep_awake, self.backend)
         self._spinners.start(spinners_for(local_index, ranks_on_node, cpus) if awake else 0)
-        self.spin_s = spin_for(delay_mode, ranks_on_node, cpus, keep_awake=awake)
+        self.spin_s = spin_for(mode.delay_mode, ranks_on_node, cpus, keep_awake=awake)
+        sleeps = self.spin_s != float("inf")
+        realtime = wants_realtime(mode.rank_priority, self.backend, sleeps,
+                                  mode.rank_priority != "normal" and realtime_allowed())
+        if realtime != self.realtime:
+            set_realtime(realtime)
+            self.realtime = realtime
+        if realtime:
+            self.spin_s = REALTIME_SPIN_S
         if self.backend != "nccl":
             spin_s = self.spin_s
             self._delay = lambda seconds: precise_sleep(seconds, spin_s)
-        return {"spin_s": self.spin_s, "spinners": self._spinners.count}
+        return {"spin_s": self.spin_s, "spinners": self._spinners.count,
+                "realtime": self.realtime}
 
     @ray.method(concurrency_group="control")
     def ping(self) -> int:

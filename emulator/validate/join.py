@@ -63,7 +63,7 @@ def join_steps(measured: pa.Table, predicted: pa.Table) -> dict[str, np.ndarray]
                 f"step (replica, step, stage) = {tuple(km[i].tolist())}: {name} is {a[i]} "
                 f"emulated but {b[i]} simulated ({bad.size} of {a.size} rows differ): plans "
                 "diverged because timing changed the scheduler's choices; validate with an "
-                "offline batch trace and pp = 1, or accept distribution-only comparison")
+                "offline batch trace (`emulator trace synth --arrival batch`)")
     for k, col in zip(KEY, km.T):
         out[k] = col
     for name in PLAN:

@@ -24,6 +24,7 @@ from emulator.cost.comm import CommProfile
 from emulator.cost.profile_io import load_profile, save_profile
 from emulator.errors import ConfigError
 from emulator.metrics.io import RunWriter
+from emulator.runtime.awake import HostMode
 from emulator.simulator.engine import CostModelExecutor, Simulation
 from emulator.simulator.run import RunTables, request_table, run_extra
 from emulator.validate.join import join_steps
@@ -135,8 +136,7 @@ def validate(config: RunConfig, outdir: Path, *, host_probe: bool = True,
     profile = host_profile(config)
     if host_probe:
         host = probe_host(max(2, config.tp), profile, address=config.address,
-                          timeout_s=config.timeout_s, delay_mode=config.delay_mode,
-                          keep_awake=config.keep_awake)
+                          timeout_s=config.timeout_s, host_mode=HostMode.of(config))
         profile = profile.model_copy(update={"host": host, "name": f"{profile.name} "
                                              "(host overheads re-probed)"})
         save_profile(profile, Path(outdir) / "host-profile.json")

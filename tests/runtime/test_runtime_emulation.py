@@ -5,7 +5,7 @@ Checked: the emulator forms exactly the plans the simulator forms (offline batch
 contents do not depend on timing); per step and rank, TP=2 performs 2 all-reduces per layer
 of tokens x hidden x 2 bytes, plus the embedding all-reduce and the logits all-gather; the
 KV rows the workers hold equal the tokens the KV manager holds; PP sends activations stage
-to stage; DP replicas are independent; a skipped collective fails the run with the rank
+to stage, with the simulator's plans even when the driver finds both micro-batches done; DP replicas are independent; a skipped collective fails the run with the rank
 named and the finished steps kept.
 """
 
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import ray
 
 from emulator.build import build_run
 from emulator.config import build_config
@@ -22,6 +23,7 @@ from emulator.runtime.executor import Emulation
 from emulator.simulator.run import simulate
 from emulator.specs import get_model
 from emulator.trace.io import write_trace
+from emulator.trace.schema import Trace
 from emulator.trace.synth import synth_trace
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(180)]
@@ -82,8 +84,8 @@ def _run(setup, group, cls=Emulation):
     return emu, emu.tables()
 
 
-def _steps(table):
-    return {c: table[c].to_numpy().tolist() for c in STEP_COLUMNS}
+def _steps(table, columns=STEP_COLUMNS):
+    return {c: table[c].to_numpy().tolist() for c in columns}
 
 
 def test_tp2_plans_equal_simulator_and_collectives_are_exact(batch_trace, tp2_group):
@@ -133,6 +135,16 @@ def test_skipped_collective_fails_naming_the_rank_and_keeps_finished_steps(batch
     assert tables.steps.num_rows == 2  # the two finished steps are kept
 
 
+class SlowDriver(Emulation):
+    """Handles nothing until every plan in flight is done: the driver of a loaded host,
+    which finds both micro-batches of a 2-stage pipeline finished at once."""
+
+    def _wait_and_complete(self):
+        refs = [ref for f in self._inflight for ref in f.pending.waiting]
+        ray.wait(refs, num_returns=len(refs), timeout=5.0)
+        return super()._wait_and_complete()
+
+
 def test_pp2_sends_activations_stage_to_stage(batch_trace, ray_local):
     setup = _setup(batch_trace, pp=2)
     with WorkerGroup(setup.layout, backend="gloo", timeout_s=5.0) as group:
@@ -150,6 +162,23 @@ def test_pp2_sends_activations_stage_to_stage(batch_trace, ray_local):
         assert b == tokens[int(s)] * TINY.hidden_size * 2
     assert set(col["rank"].to_numpy()[send].tolist()) == {0}
     assert set(col["rank"].to_numpy()[op == "recv"].tolist()) == {1}
+
+
+def test_pp2_slow_driver_forms_the_simulators_plans(tmp_path, ray_local):
+    # Two requests a micro-batch: a, b in slot 0 and c, d in slot 1 finish with their second
+    # token. When slot 0's finish, the simulator plans slot 0 with c, d still running: each
+    # slot's share of the 4 requests is 2, so slot 0 admits e and f. A driver that handled
+    # both completions before planning would see share 1 (2 requests left) and admit e only.
+    path = write_trace(Trace(request_id=np.array(list("abcdef"), dtype=object),
+                             arrival_time_s=np.zeros(6), prompt_tokens=np.full(6, 16, np.int32),
+                             output_tokens=np.array([2, 2, 2, 2, 5, 5], np.int32)),
+                       tmp_path / "t.arrow")
+    setup = _setup(path, pp=2, max_num_seqs=2)
+    with WorkerGroup(setup.layout, backend="gloo", timeout_s=5.0) as group:
+        _, tables = _run(setup, group, SlowDriver)
+    columns = STEP_COLUMNS + ("micro_batch",)
+    sim = simulate(_setup(path, pp=2, max_num_seqs=2))
+    assert _steps(tables.steps, columns) == _steps(sim.steps, columns)
 
 
 def test_dp2_runs_two_independent_replicas(batch_trace, ray_local):
