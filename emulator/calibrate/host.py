@@ -6,8 +6,10 @@ step program (``Worker.run_step``: delay, all-reduce, delay, all-reduce, ...) wi
 compute delay ``d`` host seconds (dilation 1) and all-reduces of ``num_bytes``. For each
 delay length ``d`` on a grid:
 
-- ``delay_excess(d)``: per rank, the time from leaving collective k-1 to entering
-  collective k, minus ``d`` (sleep overshoot, Python, recording), averaged;
+- ``delay_excess(d)``: per rank, how much longer than ``d`` the delay itself lasted (sleep
+  overshoot, recording), averaged; the rest of the time from leaving collective k-1 to
+  entering collective k, minus ``d``, is the call into the collective:
+  ``collective_call_s``, the median over the grid (it does not depend on ``d``);
 - ``collective_excess(d)``: the critical path of a segment, ``max exit_k - max exit_{k-1}``
   over ranks, minus ``d``, ``delay_excess(d)`` and the benchmark line of collective k;
 - ``wake(d)``: ``max exit_k - max entry_k`` (the transfer once the last rank has entered)
@@ -56,13 +58,15 @@ def probe_work(num_layers: int, delay_s: float, num_bytes: int) -> StepWork:
 
 def _segments(recs, delay_s: float, line_s: np.ndarray):
     """(per-rank segment excess [ranks, C-1], critical-path excess [C-1], transfer - line
-    [C]) of one probe step; TP ranks run the same program, so position k is one instance."""
+    [C], excess of the delays themselves [ranks, K]) of one probe step; TP ranks run the
+    same program, so position k is one instance."""
     entry = np.stack([x.coll_entry_s for x in recs])  # [ranks, C]
     exit_ = np.stack([x.coll_exit_s for x in recs])
     seg = entry[:, 1:] - exit_[:, :-1] - delay_s
     crit = np.diff(exit_.max(axis=0)) - delay_s - line_s[1:]
     transfer = exit_.max(axis=0) - entry.max(axis=0) - line_s
-    return seg, crit, transfer
+    sleep = np.stack([x.comp_end_s - x.comp_start_s for x in recs]) - delay_s
+    return seg, crit, transfer, sleep
 
 
 def measure_host_overhead(group, line_s, *, num_steps: int = 16,
@@ -91,12 +95,15 @@ def measure_host_overhead(group, line_s, *, num_steps: int = 16,
             # (less the embedding delay), and from leaving the last one to the step's end.
             fixed += [(x.coll_entry_s[0] - x.start_s - d) + (x.end_s - x.coll_exit_s[-1])
                       for x in recs]
-    delay_excess, coll_excess, wake = [], [], []
+    delay_excess, coll_excess, wake, call = [], [], [], []
     for d in grid_s:
         seg = np.array([p[0].mean() for p in parts[d]])
         crit = np.array([p[1].mean() for p in parts[d]])
-        de = float(np.median(seg))
-        delay_excess.append(max(0.0, de))
+        sleep = np.array([p[3].mean() for p in parts[d]])
+        # A segment is the delay's own excess (what a pipeline-only stage, whose delays
+        # follow each other, pays too) plus the call into the collective after it.
+        delay_excess.append(max(0.0, float(np.median(sleep))))
+        call.append(float(np.median(seg - sleep)))
         coll_excess.append(max(0.0, float(np.median(crit - seg))))
         # Transfer times are heavy-tailed on a VM (p90 several times the median): the
         # median over every instance of every step, not a median of per-step medians.
@@ -104,6 +111,7 @@ def measure_host_overhead(group, line_s, *, num_steps: int = 16,
     gap0, gap_per = measure_step_gap(group)
     return HostOverhead(num_ranks=n, step_gap_s=gap0, step_gap_s_per_collective=gap_per,
                         step_fixed_s=max(0.0, float(np.median(fixed))),
+                        collective_call_s=max(0.0, float(np.median(call))),
                         delay_grid_s=list(grid_s), delay_excess_s=delay_excess,
                         collective_excess_s=coll_excess, wake_s=wake)
 

@@ -152,7 +152,8 @@ class HostOverhead(BaseModel):
 
         sum(delays) + sum(lines) + step_fixed_s
           + sum over delays of delay_excess(delay)
-          + sum over group collectives of collective_excess(delay before it)
+          + sum over group collectives of (collective_call_s
+                                           + collective_excess(delay before it))
 
     and the next step starts ``step_gap_s + step_gap_s_per_collective * rows`` after the
     driver learns the previous one ended (rows: collective records shipped back)."""
@@ -172,7 +173,12 @@ class HostOverhead(BaseModel):
         min_length=1, description="Compute-delay lengths probed, ascending.")
     delay_excess_s: list[float] = Field(
         description="Per grid point: mean excess of one compute delay over its nominal "
-        "length (sleep overshoot, Python and recording between collectives).")
+        "length (sleep overshoot and recording), with what runs between the delay and the next "
+        "op in collective_call_s.")
+    collective_call_s: float = Field(
+        default=0.0, ge=0.0, description="Per group collective: the time between leaving a "
+        "compute delay and entering the collective (Python, recording, buffer set-up); "
+        "pipeline-only stages, whose delays follow each other, do not pay it.")
     collective_excess_s: list[float] = Field(
         description="Per grid point: extra critical-path time of a group collective after "
         "such a delay, beyond the benchmark line (wake-up of idle ranks + straggler wait).")
@@ -238,7 +244,7 @@ class HostOverhead(BaseModel):
     def scaled(self, factor: float) -> HostOverhead:
         """Every time (the grid too) multiplied by ``factor`` (1 / dilation: target units)."""
         update = {k: getattr(self, k) * factor for k in (
-            "step_gap_s", "step_gap_s_per_collective", "step_fixed_s")}
+            "step_gap_s", "step_gap_s_per_collective", "step_fixed_s", "collective_call_s")}
         update.update({k: [v * factor for v in getattr(self, k)] for k in (
             "delay_grid_s", "delay_excess_s", "collective_excess_s", "wake_s")})
         for k in ("p2p_wake_s", "p2p_idle_grid_s", "p2p_send_wake_s"):

@@ -159,6 +159,7 @@ class CostModelExecutor:
                 num_a2a = 2 * self.cost._num_moe[p]
                 over[p] += num_a2a * float(h.collective_excess(0.0))
                 num_group += num_a2a
+            over[p] += num_group * h.collective_call_s
             num_rows += tp * (num_group + (p > 0) + (p < pp - 1))
         return h.step_gap_s + num_rows * h.step_gap_s_per_collective, over
 

@@ -66,15 +66,20 @@ def test_profile_with_host_round_trips_and_old_files_load(tmp_path):
 
 def test_probe_segments_exact():
     # Two ranks, three collectives each; delay 1 ms; line 100 us per collective.
-    rec = lambda entry, exit_: SimpleNamespace(coll_entry_s=np.array(entry),  # noqa: E731
-                                              coll_exit_s=np.array(exit_))
-    r0 = rec([0.0010, 0.0023, 0.0036], [0.0012, 0.0025, 0.0038])
-    r1 = rec([0.0011, 0.0024, 0.0037], [0.0012, 0.0025, 0.0038])
-    seg, crit, transfer = _segments([r0, r1], 1e-3, np.full(3, 1e-4))
+    rec = lambda entry, exit_, comp: SimpleNamespace(  # noqa: E731
+        coll_entry_s=np.array(entry), coll_exit_s=np.array(exit_),
+        comp_start_s=np.array(comp[0]), comp_end_s=np.array(comp[1]))
+    # rank 0's delays overshoot 20 us, rank 1's 50 us; the rest of a segment is the call
+    r0 = rec([0.0010, 0.0023, 0.0036], [0.0012, 0.0025, 0.0038],
+             ([0.0, 0.0012, 0.0025], [0.00102, 0.00222, 0.00352]))
+    r1 = rec([0.0011, 0.0024, 0.0037], [0.0012, 0.0025, 0.0038],
+             ([0.0, 0.0012, 0.0025], [0.00105, 0.00225, 0.00355]))
+    seg, crit, transfer, sleep = _segments([r0, r1], 1e-3, np.full(3, 1e-4))
     # rank 0 leaves at 1.2 ms, enters at 2.3 ms: 0.1 ms over the delay; rank 1: 0.2 ms
     assert seg == pytest.approx(np.array([[1e-4, 1e-4], [2e-4, 2e-4]]))
     assert crit == pytest.approx([2e-4, 2e-4])  # 1.3 ms between exits - 1 ms - 0.1 ms
     assert transfer == pytest.approx([0.0, 0.0, 0.0])  # exits 0.1 ms after the last entry
+    assert sleep == pytest.approx(np.array([[2e-5] * 3, [5e-5] * 3]))
 
 
 @pytest.fixture(scope="module")
@@ -131,6 +136,14 @@ def test_host_terms_of_one_stage():
     gap_ep, over_ep = ex_ep._host_terms(probe_work(2, 5e-4, 4096), 1)
     assert over_ep == pytest.approx(over + 4 * 1e-4)
     assert gap_ep == pytest.approx(gap + 2 * 4 * 1e-6)
+    # The call into a group collective: once per TP collective (6) and EP all-to-all (4);
+    # a stage without collectives never pays it.
+    call = HOST.model_copy(update={"collective_call_s": 7e-6})
+    for tp, ep, num_calls, base in ((2, 1, 6, over), (2, 2, 10, over_ep), (1, 1, 0, over1)):
+        ex = CostModelExecutor(SimpleNamespace(tp=tp, ep=ep, _num_moe=[2]), None, host=call)
+        _, got = ex._host_terms(probe_work(2, 5e-4, 4096 if tp > 1 else 0), 1)
+        assert got == pytest.approx(base + num_calls * 7e-6)
+    assert call.scaled(0.5).collective_call_s == pytest.approx(3.5e-6)
 
 
 def test_pipeline_wake_up_curves_per_side():
