@@ -16,11 +16,14 @@ from emulator.runtime.awake import HostMode
 
 
 def probe_host(world: int, profile: CommProfile, *, address: str | None = None,
-               timeout_s: float = 60.0, host_mode: HostMode = HostMode()) -> HostOverhead:
+               timeout_s: float = 60.0, host_mode: HostMode = HostMode(),
+               num_bytes: int | None = None) -> HostOverhead:
     """Start ``world`` workers (TP over all of them) and measure the host overheads against
     ``profile``'s lines, with the ranks waiting as an emulation in ``host_mode`` waits (the
-    overheads differ a lot between modes)."""
-    from emulator.calibrate.host import measure_host_overhead, measure_pipeline_wake
+    overheads differ a lot between modes), with messages of ``num_bytes`` (default
+    calibrate.host.PROBE_BYTES; the wake-up after an idle time grows with the message)."""
+    from emulator.calibrate.host import (PROBE_BYTES, measure_host_overhead,
+                                         measure_pipeline_wake)
     from emulator.runtime.cluster import WorkerGroup
     from emulator.runtime.ray_setup import start_ray
     from emulator.specs import ParallelLayout
@@ -31,12 +34,13 @@ def probe_host(world: int, profile: CommProfile, *, address: str | None = None,
     with start_ray(address):
         with WorkerGroup(ParallelLayout(tp=world), backend="gloo", timeout_s=timeout_s) as g:
             g.set_host_mode(host_mode)
-            host = measure_host_overhead(g, line_s)
+            host = measure_host_overhead(g, line_s, num_bytes=num_bytes or PROBE_BYTES)
         if not any(e.op == "send_recv" for e in profile.entries):
             return host
         with WorkerGroup(ParallelLayout(pp=2), backend="gloo", timeout_s=timeout_s) as g:
             g.set_host_mode(host_mode)
-            grid, recv_wake, send_wake = measure_pipeline_wake(g, line_s)
+            grid, recv_wake, send_wake = measure_pipeline_wake(
+                g, line_s, num_bytes=num_bytes or PROBE_BYTES)
         return host.model_copy(update={"p2p_idle_grid_s": grid, "p2p_wake_s": recv_wake,
                                        "p2p_send_wake_s": send_wake})
 

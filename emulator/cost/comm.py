@@ -241,6 +241,25 @@ class HostOverhead(BaseModel):
         send = np.interp(idle_s, self.p2p_idle_grid_s, self.p2p_send_wake_s)
         return np.where(sender_waited, send, recv)
 
+    def averaged(self, other: HostOverhead) -> HostOverhead:
+        """The mean of two probes of the same grids (every time field, element by element):
+        the host between them, e.g. during a run probed before and after."""
+        if (self.delay_grid_s != other.delay_grid_s
+                or self.p2p_idle_grid_s != other.p2p_idle_grid_s
+                or self.num_ranks != other.num_ranks):
+            raise ValueError("averaged needs two probes of the same grids and world size")
+        mine, theirs = self.model_dump(), other.model_dump()
+        update: dict = {}
+        for k, v in mine.items():
+            if k in ("num_ranks", "delay_grid_s", "p2p_idle_grid_s") or v is None:
+                continue
+            w = theirs[k]
+            if w is None:
+                continue
+            update[k] = ([(a + b) / 2 for a, b in zip(v, w)] if isinstance(v, list)
+                         else (v + w) / 2)
+        return self.model_copy(update=update)
+
     def scaled(self, factor: float) -> HostOverhead:
         """Every time (the grid too) multiplied by ``factor`` (1 / dilation: target units)."""
         update = {k: getattr(self, k) * factor for k in (

@@ -16,11 +16,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from emulator.atomic import write_json_atomic
 from emulator.build import build_run
+from emulator.calibrate.host import PROBE_BYTES
 from emulator.config import RunConfig
 from emulator.cost import CostModel
-from emulator.cost.comm import CommProfile
+from emulator.cost.comm import CommProfile, HostOverhead
 from emulator.cost.profile_io import load_profile, save_profile
 from emulator.errors import ConfigError
 from emulator.metrics.io import RunWriter
@@ -56,6 +59,29 @@ def simulate_host(config: RunConfig, profile: CommProfile) -> RunTables:
     sim.run()
     return RunTables(requests=request_table(requests).to_table(), steps=sim.steps.to_table(),
                      extra=run_extra(setup, requests))
+
+
+def probe_bytes(config: RunConfig) -> int:
+    """The message size to probe the host with for ``config``: the activations of the run's
+    median step (what its TP all-reduces and pipeline transfers carry), from a simulation
+    without host overheads (an offline batch's plans do not depend on timing)."""
+    setup = build_run(config)
+    requests = setup.new_requests()
+    sim = Simulation(requests, setup.new_schedulers(requests), setup.new_router(), setup.cost)
+    sim.run()
+    steps = sim.steps.to_table()
+    if not steps.num_rows:
+        return PROBE_BYTES
+    tokens = (steps["num_prefill_tokens"].to_numpy()
+              + steps["num_decode_tokens"].to_numpy())
+    return max(1, int(np.median(tokens))) * setup.model.hidden_size * setup.model.dtype_bytes
+
+
+def probe_drift(before: HostOverhead, after: HostOverhead, line_s: float) -> float:
+    """Relative change of a probed collective after 1 ms idle (line + wake-up) from the
+    probe before the emulation to the one after: how much the host moved meanwhile."""
+    b, a = line_s + float(before.wake(1e-3)), line_s + float(after.wake(1e-3))
+    return (a - b) / b
 
 
 def build_report(config: RunConfig, profile: CommProfile, emu: RunTables, sim: RunTables,
@@ -126,21 +152,28 @@ def validate(config: RunConfig, outdir: Path, *, host_probe: bool = True,
     """Emulate and simulate ``config``, write both runs under ``outdir`` (emulate/,
     simulate/), ``validation.json`` and ``validation.png``; return the report.
 
-    ``host_probe``: re-measure the host overheads (calibrate/host.py, ~10 s) right before
-    the emulation and price with those instead of the profile's: on a shared host they
-    follow the machine's load, which drifts between `calibrate` and `validate`. The
-    collective lines always come from the profile; the file is not modified."""
+    ``host_probe``: re-measure the host overheads (calibrate/host.py, ~10 s each) right
+    before and right after the emulation, with messages of the run's size (probe_bytes),
+    and price with their mean instead of the profile's: on a shared host they follow the
+    machine's load, which drifts between `calibrate` and `validate` and during the run (on
+    the development VM a collective's median moved 2x over tens of seconds, in raw
+    torch.distributed too). The report gives both probes and their drift. The collective
+    lines always come from the profile; the file is not modified."""
     from emulator.calibrate.run import probe_host
     from emulator.runtime.executor import emulate
 
     profile = host_profile(config)
-    if host_probe:
-        host = probe_host(max(2, config.tp), profile, address=config.address,
-                          timeout_s=config.timeout_s, host_mode=HostMode.of(config))
-        profile = profile.model_copy(update={"host": host, "name": f"{profile.name} "
-                                             "(host overheads re-probed)"})
-        save_profile(profile, Path(outdir) / "host-profile.json")
     outdir = Path(outdir)
+    probes: list[HostOverhead] = []
+    num_bytes = probe_bytes(config)
+
+    def probe() -> None:
+        probes.append(probe_host(max(2, config.tp), profile, address=config.address,
+                                 timeout_s=config.timeout_s, host_mode=HostMode.of(config),
+                                 num_bytes=num_bytes))
+
+    if host_probe:
+        probe()
     emu_writer = RunWriter(outdir / "emulate")
     setup = build_run(config, record_slots=True)
 
@@ -153,12 +186,24 @@ def validate(config: RunConfig, outdir: Path, *, host_probe: bool = True,
     nodes = emu.extra.pop("nodes", None)
     emu_writer.finish(requests=emu.requests, steps=emu.steps, collectives=emu.collectives,
                       mode="emulate", config=config, nodes=nodes, extra=emu.extra)
-    return report_runs(config, profile, outdir, emu, nodes)
+    probed = None
+    if host_probe:
+        probe()
+        profile = profile.model_copy(update={
+            "host": probes[0].averaged(probes[1]),
+            "name": f"{profile.name} (host overheads: mean of probes before and after)"})
+        save_profile(profile, outdir / "host-profile.json")
+        line_s = profile.time_s("all_reduce", max(2, config.tp), "intra", num_bytes)
+        probed = {"num_bytes": num_bytes, "before": probes[0].model_dump(),
+                  "after": probes[1].model_dump(),
+                  "drift": probe_drift(probes[0], probes[1], line_s)}
+    return report_runs(config, profile, outdir, emu, nodes, probed)
 
 
 def report_runs(config: RunConfig, profile: CommProfile, outdir: Path, emu: RunTables,
-                nodes: dict | list | None) -> dict[str, Any]:
-    """Simulate, write simulate/, join with ``emu`` and write the report and the plot."""
+                nodes: dict | list | None, probes: dict | None = None) -> dict[str, Any]:
+    """Simulate, write simulate/, join with ``emu`` and write the report (with ``probes``,
+    the host probes around the emulation, when given) and the plot."""
     from emulator.validate.plot import plot_validation
 
     sim = simulate_host(config, profile)
@@ -168,6 +213,9 @@ def report_runs(config: RunConfig, profile: CommProfile, outdir: Path, emu: RunT
     while isinstance(nodes, dict):  # WorkerGroup.nodes_summary()
         nodes = nodes.get("rank_node_id") or nodes.get("rank_node_ip")
     report, joined = build_report(config, profile, emu, sim, nodes)
+    if probes is not None:
+        report["host_probes"] = probes
+        report["verdict"] += f"; host drift {probes['drift'] * 100:+.1f}% between the probes"
     write_json_atomic(outdir / "validation.json", report)
     plot_validation(joined, report, outdir / "validation.png")
     return report

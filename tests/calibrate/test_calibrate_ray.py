@@ -34,7 +34,7 @@ def test_bench_rows_per_op_size_and_iteration(raw):
     assert summary.num_rows == 8 and set(summary["num_iters"].to_pylist()) == {3}
 
 
-def test_calibrate_then_validate(raw, tmp_path):
+def test_calibrate_then_validate(raw, tmp_path, monkeypatch):
     path = tmp_path / "host.json"
     profile, points = calibrate(raw, name="ci", output=path)
     assert load_profile(path) == profile
@@ -61,3 +61,26 @@ def test_calibrate_then_validate(raw, tmp_path):
     assert np.isfinite(saved["drain_time_error"])
     assert (tmp_path / "val" / "validation.png").stat().st_size > 0
     assert (tmp_path / "val" / "emulate" / "collectives.parquet").exists()
+
+    # With the host probe: once before and once after the emulation, at the run's message
+    # size; priced with their mean; both and their drift reported (probes stubbed here).
+    import emulator.calibrate.run as calibrate_run
+    from emulator.validate.run import probe_bytes
+
+    probes = [host, host.model_copy(update={"step_gap_s": 3 * host.step_gap_s})]
+    calls = []
+
+    def fake_probe(world, prof, **kw):
+        calls.append(kw["num_bytes"])
+        return probes[len(calls) - 1]
+
+    monkeypatch.setattr(calibrate_run, "probe_host", fake_probe)
+    validate(cfg, tmp_path / "val2")
+    assert calls == [probe_bytes(cfg)] * 2
+    saved = json.loads((tmp_path / "val2" / "validation.json").read_text())
+    assert saved["host_probes"]["before"]["step_gap_s"] == host.step_gap_s
+    assert saved["host_probes"]["after"]["step_gap_s"] == 3 * host.step_gap_s
+    assert saved["host_probes"]["drift"] == 0.0  # wake-up curves equal
+    assert load_profile(tmp_path / "val2" / "host-profile.json").host.step_gap_s == \
+        pytest.approx(2 * host.step_gap_s)
+    assert saved["verdict"].endswith("host drift +0.0% between the probes")

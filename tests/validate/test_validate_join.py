@@ -116,3 +116,45 @@ def test_verdict_line():
     assert verdict(report) == ("FAIL (drain time |12.0%| > 10%): step time median -5.0%, "
                                "drain time +12.0%, collective median large n/a; per-step MAPE "
                                "20.0% vs noise floor 18.0%")
+
+
+def test_host_probes_around_a_run_average_and_drift(tmp_path):
+    from emulator.cost.comm import HostOverhead
+    from emulator.validate.run import probe_drift
+
+    before = HostOverhead(num_ranks=2, step_gap_s=1e-3, step_fixed_s=2e-5,
+                          collective_call_s=1e-5, delay_grid_s=[0.0, 1e-3],
+                          delay_excess_s=[0.0, 2e-6], collective_excess_s=[1e-5, 3e-5],
+                          wake_s=[0.0, 1e-4], p2p_idle_grid_s=[0.0, 1e-2],
+                          p2p_wake_s=[1e-5, 5e-5], p2p_send_wake_s=None)
+    after = before.model_copy(update={"step_gap_s": 3e-3, "wake_s": [0.0, 3e-4],
+                                      "collective_call_s": 3e-5})
+    mean = before.averaged(after)
+    assert (mean.step_gap_s, mean.collective_call_s) == pytest.approx((2e-3, 2e-5))
+    assert mean.wake_s == pytest.approx([0.0, 2e-4])
+    assert mean.p2p_wake_s == pytest.approx([1e-5, 5e-5]) and mean.p2p_send_wake_s is None
+    assert mean.delay_grid_s == before.delay_grid_s
+    # a 100 us transfer after 1 ms idle: 200 us before, 400 us after
+    assert probe_drift(before, after, 1e-4) == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="same grids"):
+        before.averaged(after.model_copy(update={"delay_grid_s": [0.0, 2e-3]}))
+
+
+def test_probe_bytes_is_the_median_steps_activations(tmp_path):
+    from emulator.build import build_run
+    from emulator.config import build_config
+    from emulator.simulator.run import simulate
+    from emulator.trace.io import write_trace
+    from emulator.trace.synth import synth_trace
+    from emulator.validate.run import probe_bytes
+
+    path = write_trace(synth_trace(num_requests=6, lengths="fixed", arrival="batch",
+                                   prompt_tokens=40, output_tokens=9, seed=0),
+                       tmp_path / "b.arrow")
+    config = build_config(trace=path, model="tiny", tp=2)
+    steps = simulate(build_run(config)).steps
+    tokens = steps["num_prefill_tokens"].to_numpy() + steps["num_decode_tokens"].to_numpy()
+    model = build_run(config).model
+    # one prefill step of 240 tokens, then 8 decode steps of 6
+    assert sorted(tokens.tolist()) == [6] * 8 + [240]
+    assert probe_bytes(config) == 6 * model.hidden_size * model.dtype_bytes
