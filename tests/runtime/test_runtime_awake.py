@@ -63,3 +63,54 @@ def test_spinner_exits_when_its_parent_dies():
         time.sleep(0.05)
     os.kill(pid, 9)
     pytest.fail(f"spinner {pid} outlived its parent")
+
+
+def test_realtime_only_with_slept_delays_and_permission():
+    from emulator.runtime.awake import wants_realtime
+
+    assert wants_realtime("auto", "gloo", sleeps=True, allowed=True)
+    assert not wants_realtime("auto", "nccl", sleeps=True, allowed=True)
+    assert not wants_realtime("auto", "gloo", sleeps=False, allowed=True)
+    assert not wants_realtime("auto", "gloo", sleeps=True, allowed=False)
+    assert not wants_realtime("normal", "gloo", sleeps=True, allowed=True)
+    assert wants_realtime("realtime", "nccl", sleeps=True, allowed=True)
+    with pytest.raises(ValueError, match="needs slept delays"):
+        wants_realtime("realtime", "gloo", sleeps=False, allowed=True)
+    with pytest.raises(ValueError, match="not permitted"):
+        wants_realtime("realtime", "gloo", sleeps=True, allowed=False)
+    with pytest.raises(ValueError, match="auto, realtime or normal"):
+        wants_realtime("high", "gloo", sleeps=True, allowed=True)
+
+
+def test_config_refuses_realtime_with_spun_delays(tmp_path):
+    from emulator.config import RunConfig
+
+    with pytest.raises(ValueError, match="rank_priority=realtime needs slept delays"):
+        RunConfig(trace=tmp_path / "t.arrow", model="tiny", rank_priority="realtime",
+                  delay_mode="spin")
+
+
+def test_set_realtime_switches_every_thread_and_children_start_normal():
+    import threading
+
+    from emulator.runtime.awake import realtime_allowed, set_realtime
+
+    if not realtime_allowed():
+        pytest.skip("SCHED_FIFO is not permitted here")
+    stop = threading.Event()
+    other = threading.Thread(target=stop.wait)
+    other.start()
+    policy = lambda tid: os.sched_getscheduler(tid) & ~os.SCHED_RESET_ON_FORK  # noqa: E731
+    try:
+        tids = [int(t) for t in os.listdir("/proc/self/task")]
+        assert set_realtime(True) >= 2
+        assert {policy(t) for t in tids} == {os.SCHED_FIFO}
+        child = subprocess.run([sys.executable, "-c", "import os; print(os.sched_getscheduler(0))"],
+                               capture_output=True, text=True, timeout=30, check=True)
+        assert int(child.stdout) == os.SCHED_OTHER  # reset on fork
+    finally:
+        set_realtime(False)
+        stop.set()
+        other.join()
+    assert {policy(t) for t in tids if os.path.exists(f"/proc/self/task/{t}")} == {
+        os.SCHED_OTHER}

@@ -18,7 +18,9 @@ import ray
 from emulator.build import build_run
 from emulator.config import build_config
 from emulator.errors import RunError
+from emulator.runtime.awake import cpus_available, realtime_allowed, spinners_for
 from emulator.runtime.cluster import WorkerGroup
+from emulator.runtime.delay import REALTIME_SPIN_S, SPIN_S
 from emulator.runtime.executor import Emulation
 from emulator.simulator.run import simulate
 from emulator.specs import get_model
@@ -92,6 +94,11 @@ def test_tp2_plans_equal_simulator_and_collectives_are_exact(batch_trace, tp2_gr
     setup = _setup(batch_trace, tp=2)
     emu, tables = _run(setup, tp2_group, CheckedEmulation)
     assert CheckedEmulation.kv_checks == tables.steps.num_rows > 0
+    # gloo ranks with slept delays (kept awake) run at real-time priority where permitted
+    rt = realtime_allowed()
+    assert tables.extra["host_mode"] == [
+        {"spin_s": REALTIME_SPIN_S if rt else SPIN_S, "realtime": rt,
+         "spinners": spinners_for(i, 2, cpus_available())} for i in range(2)]
     sim = simulate(_setup(batch_trace, tp=2))
     assert _steps(tables.steps) == _steps(sim.steps)
     assert not np.isnan(tables.requests["finish_s"].to_numpy()).any()
