@@ -104,10 +104,10 @@ def measure_host_overhead(group, line_s, *, num_steps: int = 16,
         # follow each other, pays too) plus the call into the collective after it.
         delay_excess.append(max(0.0, float(np.median(sleep))))
         call.append(float(np.median(seg - sleep)))
-        coll_excess.append(max(0.0, float(np.median(crit - seg))))
+        coll_excess.append(float(np.median(crit - seg)))
         # Transfer times are heavy-tailed on a VM (p90 several times the median): the
         # median over every instance of every step, not a median of per-step medians.
-        wake.append(max(0.0, float(np.median(np.concatenate([p[2] for p in parts[d]])))))
+        wake.append(float(np.median(np.concatenate([p[2] for p in parts[d]]))))
     gap0, gap_per = measure_step_gap(group)
     return HostOverhead(num_ranks=n, step_gap_s=gap0, step_gap_s_per_collective=gap_per,
                         step_fixed_s=max(0.0, float(np.median(fixed))),
@@ -157,7 +157,7 @@ def measure_pipeline_wake(group, line_s, num_bytes: int = PROBE_BYTES,
                     excess.append(max(r.coll_exit_s[0] for r in recs)
                                   - max(r.coll_entry_s[0] for r in recs) - line)
             group.collect(in_flight)
-            wakes[sender_waits].append(max(0.0, float(np.median(excess))))
+            wakes[sender_waits].append(float(np.median(excess)))
     return list(grid_s), wakes[False], wakes[True]
 
 

@@ -148,7 +148,8 @@ class HostOverhead(BaseModel):
     slower than back to back (the microbenchmark's line): its ranks' communication threads
     were idle and must be scheduled again, and the group waits for the last rank (straggler
     sync-wait). Both depend on the delay's length, so they are tabulated on a grid of delay
-    lengths and interpolated. One stage of one step lasts::
+    lengths and interpolated. The collective terms are measured against the benchmark's
+    line, so they also carry the host's drift since the benchmark and can be negative. One stage of one step lasts::
 
         sum(delays) + sum(lines) + step_fixed_s
           + sum over delays of delay_excess(delay)
@@ -181,7 +182,10 @@ class HostOverhead(BaseModel):
         "pipeline-only stages, whose delays follow each other, do not pay it.")
     collective_excess_s: list[float] = Field(
         description="Per grid point: extra critical-path time of a group collective after "
-        "such a delay, beyond the benchmark line (wake-up of idle ranks + straggler wait).")
+        "such a delay, beyond the benchmark line (wake-up of idle ranks + straggler wait); "
+        "negative when the probe's transfers beat the line: the host is faster now than "
+        "when the benchmark ran (shared hosts drift), so a re-probe re-bases the lines at "
+        "the probed size.")
     wake_s: list[float] = Field(
         description="Per grid point: the part of collective_excess_s inside the transfer "
         "(max exit - max entry) itself; the rest is straggler sync-wait.")

@@ -191,12 +191,13 @@ class CostModelExecutor:
             # whose successor is still busy is blocked until then (gloo's send, and NCCL's,
             # wait for the matching recv).
             meet = max(done, free[s + 1])
+            xfer = p2p
             if self.host is not None:
                 # Waking the side that idled in the op costs what the probe measured.
                 sender_waited = free[s + 1] > done
-                meet += float(self.host.p2p_wake(meet - min(done, free[s + 1]),
-                                                 sender_waited))
-            stage_end[s] = begin = meet + p2p
+                xfer = max(0.0, xfer + float(self.host.p2p_wake(
+                    meet - min(done, free[s + 1]), sender_waited)))
+            stage_end[s] = begin = meet + xfer
         by_axis = {"tp": float(comm.sum())} if self.cost.tp > 1 else {}
         if pp > 1:
             by_axis["pp"] = p2p * (pp - 1)

@@ -160,8 +160,8 @@ def collective_errors(inst: dict[str, np.ndarray], profile: CommProfile) -> dict
     if profile.host is not None and delay_s is not None:
         p2p = inst["op"] == "send_recv"
         sender_waited = inst.get("sender_waited", np.zeros(p2p.size, bool))
-        pred = pred + np.where(p2p, profile.host.p2p_wake(delay_s, sender_waited),
-                               profile.host.wake(delay_s))
+        pred = np.maximum(0.0, pred + np.where(
+            p2p, profile.host.p2p_wake(delay_s, sender_waited), profile.host.wake(delay_s)))
     rows, worst = [], {"small": None, "large": None}
     large = inst["bytes"] >= LARGE_BYTES
     for op in sorted(set(inst["op"].tolist())):

@@ -107,6 +107,17 @@ def test_collective_instances_and_errors():
                   ("send_recv", "small"): pytest.approx(-0.2)}
     assert e["collective_median_error_large"] == pytest.approx(0.1)
     assert e["collective_median_error_small"] == pytest.approx(-0.2)  # largest magnitude
+    # A host probed faster than the benchmark (negative wake-up) lowers the prediction,
+    # down to 0 at most: all-reduce 110 - 20 us, all-gather 60 - 20 us, send/recv 40 - 50 us.
+    from emulator.cost.comm import HostOverhead
+    host = HostOverhead(num_ranks=2, step_gap_s=0.0, step_fixed_s=0.0, delay_grid_s=[0.0],
+                        delay_excess_s=[0.0], collective_excess_s=[-2e-5], wake_s=[-2e-5],
+                        p2p_idle_grid_s=[0.0], p2p_wake_s=[-5e-5])
+    e = collective_errors(inst, prof.model_copy(update={"host": host}))
+    pred = {(r["op"], r["bucket"]): r["predicted_median_s"] for r in e["by_op"]}
+    assert pred == {("all_gather", "small"): pytest.approx(40e-6),
+                    ("all_reduce", "large"): pytest.approx(90e-6),
+                    ("send_recv", "small"): 0.0}
 
 
 def test_verdict_line():
