@@ -169,3 +169,10 @@ def test_pipeline_wake_up_is_paid_by_the_side_that_idled():
     r = ex.execute(plan, 0.0, np.array([0.0, 5.0]))
     assert r.stage_end_s[0] == pytest.approx(5.0 + 0.78 + 0.5)
     assert r.stage_start_s[1] == r.stage_end_s[0]
+    # A host probed faster than the benchmark shortens the transfer, never below 0.
+    fast = host.model_copy(update={"p2p_send_wake_s": [-0.2, -2.0]})
+    ex, plan = _two_stage_executor(fast)
+    r = ex.execute(plan, 0.0, np.array([0.0, 1.2]))  # sender idles 0.1 s: 0.5 - 0.218
+    assert r.stage_end_s[0] == pytest.approx(1.2 + 0.5 - 0.2 - 0.018)
+    r = ex.execute(plan, 0.0, np.array([0.0, 5.0]))  # idles 3.9 s: wake -0.902, clamped
+    assert r.stage_end_s[0] == pytest.approx(5.0)
