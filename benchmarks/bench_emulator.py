@@ -166,6 +166,7 @@ def main() -> None:
     from emulator.runtime.awake import IdleSpinners, cpus_available
     awake = emu.host_mode[0]["spinners"] > 0
     spin_s, realtime = emu.host_mode[0]["spin_s"], emu.host_mode[0]["realtime"]
+    spin_s = float("inf") if spin_s is None else spin_s  # None: delays spun whole
     decode = steps["num_prefill_tokens"].to_numpy() == 0
     per_op_delay_s = float(np.median(steps["compute_s"].to_numpy()[decode])) * d \
         / (2 * setup.model.num_layers / setup.layout.pp)

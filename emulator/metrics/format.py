@@ -66,4 +66,20 @@ def summary_table(summary: Mapping[str, Any], *, title: str | None = None) -> Ta
                       f"{format_seconds(values.get('comm_s'))} / "
                       f"{format_seconds(values.get('sync_wait_s'))} / "
                       f"{format_seconds(values.get('transfer_s'))}")
+    modes = (summary.get("extra") or {}).get("host_mode") if "metrics" in summary else None
+    if modes:
+        table.add_section()
+        table.add_row("ranks wait", host_mode_text(modes))
     return table
+
+
+def host_mode_text(modes: list[Mapping[str, Any]]) -> str:
+    """One line for the ranks' host modes (Worker.set_host_mode reports): how delays are
+    waited, the node's spinners, the CPU priority."""
+    spins = sorted({m["spin_s"] for m in modes}, key=lambda s: (s is None, s or 0.0))
+    waits = ", ".join("delays spun" if s is None
+                      else f"delays slept ({format_seconds(s)} spun)" for s in spins)
+    num_rt = sum(bool(m["realtime"]) for m in modes)
+    priority = ("real-time priority" if num_rt == len(modes) else "normal priority"
+                if num_rt == 0 else f"real-time priority on {num_rt} of {len(modes)} ranks")
+    return f"{waits}; {sum(m['spinners'] for m in modes)} idle spinners; {priority}"

@@ -388,8 +388,9 @@ class Worker:
     def set_host_mode(self, mode: HostMode, local_index: int, ranks_on_node: int) -> dict:
         """How this rank waits: compute delays spun or slept (delay.spin_for), whether it
         runs its share of the node's idle-priority spinners, and whether its threads run at
-        real-time priority (runtime.awake). Returns ``{"spin_s": spun tail of a delay,
-        "spinners": spinners this rank runs, "realtime": bool}``."""
+        real-time priority (runtime.awake). Returns ``{"spin_s": spun tail of a slept delay
+        (None: delays are spun whole), "spinners": spinners this rank runs, "realtime":
+        bool}``."""
         cpus = cpus_available()
         awake = wants_keep_awake(mode.keep_awake, self.backend)
         self._spinners.start(spinners_for(local_index, ranks_on_node, cpus) if awake else 0)
@@ -405,7 +406,9 @@ class Worker:
         if self.backend != "nccl":
             spin_s = self.spin_s
             self._delay = lambda seconds: precise_sleep(seconds, spin_s)
-        return {"spin_s": self.spin_s, "spinners": self._spinners.count,
+        spun_whole = self.spin_s == float("inf")  # JSON has no infinity: None
+        return {"spin_s": None if spun_whole else self.spin_s,
+                "spinners": self._spinners.count,
                 "realtime": self.realtime}
 
     @ray.method(concurrency_group="control")

@@ -126,6 +126,22 @@ def test_summary_table_renders_metrics():
     assert "1.250 s / 250.000 ms / 1.000 s" in text
 
 
+def test_summary_table_shows_how_the_ranks_waited():
+    modes = [{"spin_s": 5e-5, "spinners": 1, "realtime": True},
+             {"spin_s": 5e-5, "spinners": 1, "realtime": True}]
+    m = compute_metrics(three_requests(), steps(), collectives())
+    console = Console(record=True, width=140)
+    console.print(summary_table(build_summary(complete=True, mode="emulate", config={},
+                                              metrics=m, extra={"host_mode": modes})))
+    assert "delays slept (50.0 µs spun); 2 idle spinners; real-time priority" in \
+        console.export_text()
+    from emulator.metrics.format import host_mode_text
+    assert host_mode_text([{"spin_s": None, "spinners": 0, "realtime": False}] * 2) \
+        == "delays spun; 0 idle spinners; normal priority"
+    assert host_mode_text([modes[0], {**modes[0], "realtime": False}]).endswith(
+        "real-time priority on 1 of 2 ranks")
+
+
 def test_format_seconds_units():
     assert [format_seconds(v) for v in (None, 2.0, 0.0125, 2.5e-6)] == \
         ["-", "2.000 s", "12.500 ms", "2.5 µs"]
