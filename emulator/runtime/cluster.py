@@ -18,6 +18,7 @@ every other host's offset is estimated once at start-up by ping-pong with its fi
 
 from __future__ import annotations
 
+import pickle
 import time
 from dataclasses import dataclass, field
 
@@ -282,11 +283,14 @@ class WorkerGroup:
         ranks, refs = [], []
         for s, stage_rank_list in enumerate(stages):
             recv_bytes = step_work.stages[s - 1].pp_send_bytes if s > 0 else 0
+            # One pickle per stage, shared by its ranks (Worker.run_step_packed): Ray's
+            # per-argument serialization costs more than the whole payload.
+            payload = pickle.dumps((key, step_work.stages[s], slot_ids, dilation,
+                                    step_work.num_tokens, step_work.num_sampled_tokens,
+                                    recv_bytes), protocol=pickle.HIGHEST_PROTOCOL)
             for rank in stage_rank_list:
                 ranks.append(rank)
-                refs.append(self.actors[rank].run_step.remote(
-                    key, step_work.stages[s], slot_ids, dilation, step_work.num_tokens,
-                    step_work.num_sampled_tokens, recv_bytes))
+                refs.append(self.actors[rank].run_step_packed.remote(payload))
         # Worst case: the step queues behind this replica's steps already in flight (each
         # actor runs its steps in submission order), its stages run one after another, and
         # a rank waits timeout_s in a collective before raising.
@@ -312,7 +316,7 @@ class WorkerGroup:
                        if isinstance(exc, OutOfMemoryError) else "")
                 raise self._step_failure(pending, why) from None
             for i, value in zip(idx, values):
-                pending.results[i] = value
+                pending.results[i] = pickle.loads(value)  # Worker.run_step_packed
         return pending.done
 
     def collect(self, pending: PendingStep) -> list[StepRecords]:

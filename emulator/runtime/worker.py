@@ -28,6 +28,7 @@ layers, so one write per step touches exactly the rows a real engine would fill.
 from __future__ import annotations
 
 import os
+import pickle
 import socket
 import time
 from collections import deque
@@ -323,6 +324,13 @@ class Worker:
             rank=self.rank, stage=topo.stage, step_key=step_key, start_s=start_s,
             end_s=self._now(), num_tokens=num_tokens, num_sampled_tokens=num_sampled,
             num_kv_rows_written=0 if slot_ids is None else len(slot_ids))
+
+    def run_step_packed(self, payload: bytes) -> bytes:
+        """:meth:`run_step` with its arguments and its records pickled (the driver's
+        WorkerGroup sends one payload per stage): a Ray call with one bytes argument and
+        result is ~0.25 ms cheaper to submit than one with seven, per rank and step."""
+        return pickle.dumps(self.run_step(*pickle.loads(payload)),
+                            protocol=pickle.HIGHEST_PROTOCOL)
 
     # -- microbenchmark ---------------------------------------------------------------------
     def bench_sizes(self, op: str, sizes: list[int], num_iters: list[int],
