@@ -40,7 +40,7 @@ from emulator.runtime.delay import SPIN_S
 # precise_sleep only spins below SPIN_S and sleeps (yields the core) above it: on a busy
 # host the overheads jump there, so the grid brackets it closely.
 DELAY_GRID_S = (0.0, 1e-4, 0.9 * SPIN_S, 1.1 * SPIN_S, 4e-4, 1e-3, 3e-3, 1e-2)
-P2P_IDLE_GRID_S = (0.0, 1e-4, 1e-3, 1e-2, 0.1)
+P2P_IDLE_GRID_S = (0.0, 1e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1)
 GRID_LAYERS = 8
 GAP_LAYERS = (4, 32)
 PROBE_BYTES = 64 * 1024
