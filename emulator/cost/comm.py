@@ -149,7 +149,8 @@ class HostOverhead(BaseModel):
     were idle and must be scheduled again, and the group waits for the last rank (straggler
     sync-wait). Both depend on the delay's length, so they are tabulated on a grid of delay
     lengths and interpolated. The collective terms are measured against the benchmark's
-    line, so they also carry the host's drift since the benchmark and can be negative. One stage of one step lasts::
+    line, so they also carry the host's drift since the benchmark and can be negative. One
+    stage of one step lasts::
 
         sum(delays) + sum(lines) + step_fixed_s
           + sum over delays of delay_excess(delay)

@@ -29,8 +29,8 @@ import ray
 from emulator.build import RunSetup
 from emulator.core.plan import BatchPlan
 from emulator.errors import RunError
-from emulator.runtime.awake import HostMode
 from emulator.metrics.records import CollectiveRecords, StepRecords
+from emulator.runtime.awake import HostMode
 from emulator.runtime.cluster import PendingStep, WorkerGroup
 from emulator.runtime.faults import fault_from_env, inject
 from emulator.runtime.records import AXES, OPS

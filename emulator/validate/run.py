@@ -29,7 +29,7 @@ from emulator.errors import ConfigError
 from emulator.metrics.io import RunWriter
 from emulator.runtime.awake import HostMode
 from emulator.simulator.engine import CostModelExecutor, Simulation
-from emulator.simulator.run import RunTables, request_table, run_extra
+from emulator.simulator.run import RunTables, request_table, run_extra, simulate
 from emulator.validate.join import join_steps
 from emulator.validate.report import (collective_errors, collective_instances, drain_error,
                                       noise_floor, request_errors, step_errors)
@@ -66,10 +66,7 @@ def probe_bytes(config: RunConfig) -> int:
     median step (what its TP all-reduces and pipeline transfers carry), from a simulation
     without host overheads (an offline batch's plans do not depend on timing)."""
     setup = build_run(config)
-    requests = setup.new_requests()
-    sim = Simulation(requests, setup.new_schedulers(requests), setup.new_router(), setup.cost)
-    sim.run()
-    steps = sim.steps.to_table()
+    steps = simulate(setup).steps
     if not steps.num_rows:
         return PROBE_BYTES
     tokens = (steps["num_prefill_tokens"].to_numpy()
@@ -152,7 +149,7 @@ def validate(config: RunConfig, outdir: Path, *, host_probe: bool = True,
     """Emulate and simulate ``config``, write both runs under ``outdir`` (emulate/,
     simulate/), ``validation.json`` and ``validation.png``; return the report.
 
-    ``host_probe``: re-measure the host overheads (calibrate/host.py, ~10 s each) right
+    ``host_probe``: re-measure the host overheads (calibrate/host.py, ~15 s each) right
     before and right after the emulation, with messages of the run's size (probe_bytes),
     and price with their mean instead of the profile's: on a shared host they follow the
     machine's load, which drifts between `calibrate` and `validate` and during the run (on
@@ -165,7 +162,7 @@ def validate(config: RunConfig, outdir: Path, *, host_probe: bool = True,
     profile = host_profile(config)
     outdir = Path(outdir)
     probes: list[HostOverhead] = []
-    num_bytes = probe_bytes(config)
+    num_bytes = probe_bytes(config) if host_probe else 0
 
     def probe() -> None:
         probes.append(probe_host(max(2, config.tp), profile, address=config.address,
