@@ -41,6 +41,9 @@ CONTROL_TIMEOUT_S = 10.0
 NUM_CLOCK_SAMPLES = 16
 TEARDOWN_WAIT_S = 5.0
 """How long teardown lets ranks destroy their process groups before killing them."""
+FAILURE_GRACE_S = 0.5
+"""How long a step failure waits for the step's other ranks to finish (or fail) before
+describing them."""
 
 
 @dataclass(slots=True)
@@ -347,6 +350,10 @@ class WorkerGroup:
         step = (f"step {key[0]} (micro-batch {key[1]})"
                 if isinstance(key, tuple) and len(key) == 2 else f"step {key!r}")
         prefix = f"replica {pending.replica} {step}"
+        # The first failure is reported at once, but ranks that fail the same way a moment
+        # later belong in the report: give them a short grace (a rank stuck in a collective
+        # is not waited for beyond it).
+        ray.wait(pending.refs, num_returns=len(pending.refs), timeout=FAILURE_GRACE_S)
         _drain(pending.refs)
         dead, states = [], {}
         for rank in pending.ranks:
