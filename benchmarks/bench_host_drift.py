@@ -66,16 +66,11 @@ def main() -> None:
 
     import torch.multiprocessing as mp
 
-    from emulator.runtime.awake import (IdleSpinners, cpus_available, realtime_allowed,
-                                        wants_keep_awake, wants_realtime)
-    from emulator.runtime.delay import REALTIME_SPIN_S, spin_for
+    from emulator.runtime.awake import HostMode, IdleSpinners, cpus_available, decide
 
-    awake = wants_keep_awake(args.keep_awake, "gloo")
-    spin_s = spin_for("auto", 2, cpus_available(), keep_awake=awake)
-    realtime = wants_realtime(args.rank_priority, "gloo", spin_s != float("inf"),
-                              realtime_allowed())
-    if realtime:
-        spin_s = REALTIME_SPIN_S
+    waits = decide(HostMode(keep_awake=args.keep_awake, rank_priority=args.rank_priority),
+                   "gloo", 2, cpus_available())
+    awake, spin_s, realtime = waits.keep_awake, waits.spin_s, waits.realtime
     spinners = IdleSpinners()
     spinners.start(cpus_available() if awake else 0)
     try:

@@ -103,6 +103,31 @@ def wants_realtime(mode: str, backend: str, sleeps: bool, allowed: bool) -> bool
     return mode == "auto" and backend == "gloo" and sleeps and allowed
 
 
+@dataclass(frozen=True)
+class HostWaits:
+    """How one rank waits, decided from a HostMode (:func:`decide`)."""
+
+    keep_awake: bool
+    """Whether the node's idle-priority spinners run."""
+    spin_s: float
+    """The spun tail of a compute delay; ``inf``: delays are spun whole."""
+    realtime: bool
+    """Whether the rank's threads run at real-time priority."""
+
+
+def decide(mode: HostMode, backend: str, ranks_on_node: int, cpus: int) -> HostWaits:
+    """Spinners, spun tail and priority of a rank in ``mode`` (raises ValueError for an
+    impossible combination, e.g. realtime with spun delays)."""
+    from emulator.runtime.delay import REALTIME_SPIN_S, spin_for
+
+    awake = wants_keep_awake(mode.keep_awake, backend)
+    spin_s = spin_for(mode.delay_mode, ranks_on_node, cpus, keep_awake=awake)
+    sleeps = spin_s != float("inf")
+    realtime = wants_realtime(mode.rank_priority, backend, sleeps,
+                              mode.rank_priority != "normal" and realtime_allowed())
+    return HostWaits(awake, REALTIME_SPIN_S if realtime else spin_s, realtime)
+
+
 def realtime_allowed() -> bool:
     """Whether this process may switch its threads to ``SCHED_FIFO`` (tried on a child
     thread, so the caller's own policy is untouched)."""

@@ -41,11 +41,9 @@ import torch.distributed as dist
 
 from emulator.core.routing import route
 from emulator.core.work import StageWork
-from emulator.runtime.awake import (HostMode, IdleSpinners, cpus_available, realtime_allowed,
-                                    set_realtime, spinners_for, wants_keep_awake,
-                                    wants_realtime)
-from emulator.runtime.delay import (REALTIME_SPIN_S, SPIN_S, CudaStreamDelay, precise_sleep,
-                                    spin_for)
+from emulator.runtime.awake import (HostMode, IdleSpinners, cpus_available, decide,
+                                    set_realtime, spinners_for)
+from emulator.runtime.delay import SPIN_S, CudaStreamDelay, precise_sleep
 from emulator.runtime.groups import TimedCollectives, init_process_groups, rank_topology
 from emulator.runtime.ray_setup import LayoutLike
 from emulator.runtime.records import COMPUTE_KINDS, NO_LAYER, CollectiveState, StepRecords
@@ -400,17 +398,13 @@ class Worker:
         (None: delays are spun whole), "spinners": spinners this rank runs, "realtime":
         bool}``."""
         cpus = cpus_available()
-        awake = wants_keep_awake(mode.keep_awake, self.backend)
-        self._spinners.start(spinners_for(local_index, ranks_on_node, cpus) if awake else 0)
-        self.spin_s = spin_for(mode.delay_mode, ranks_on_node, cpus, keep_awake=awake)
-        sleeps = self.spin_s != float("inf")
-        realtime = wants_realtime(mode.rank_priority, self.backend, sleeps,
-                                  mode.rank_priority != "normal" and realtime_allowed())
-        if realtime != self.realtime:
-            set_realtime(realtime)
-            self.realtime = realtime
-        if realtime:
-            self.spin_s = REALTIME_SPIN_S
+        waits = decide(mode, self.backend, ranks_on_node, cpus)
+        self._spinners.start(spinners_for(local_index, ranks_on_node, cpus)
+                             if waits.keep_awake else 0)
+        self.spin_s = waits.spin_s
+        if waits.realtime != self.realtime:
+            set_realtime(waits.realtime)
+            self.realtime = waits.realtime
         if self.backend != "nccl":
             spin_s = self.spin_s
             self._delay = lambda seconds: precise_sleep(seconds, spin_s)

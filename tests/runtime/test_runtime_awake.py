@@ -114,3 +114,20 @@ def test_set_realtime_switches_every_thread_and_children_start_normal():
         other.join()
     assert {policy(t) for t in tids if os.path.exists(f"/proc/self/task/{t}")} == {
         os.SCHED_OTHER}
+
+
+def test_decide_combines_spinners_delays_and_priority():
+    from emulator.runtime.awake import HostMode, decide, realtime_allowed
+    from emulator.runtime.delay import REALTIME_SPIN_S
+
+    rt = realtime_allowed()
+    auto = decide(HostMode(), "gloo", 2, 2)
+    assert (auto.keep_awake, auto.realtime) == (True, rt)
+    assert auto.spin_s == (REALTIME_SPIN_S if rt else SPIN_S)
+    # no spinners and a core per rank: delays spun whole, so never real-time
+    assert decide(HostMode(keep_awake="off"), "gloo", 2, 2) == (
+        type(auto)(keep_awake=False, spin_s=float("inf"), realtime=False))
+    assert decide(HostMode(rank_priority="normal"), "gloo", 2, 2).spin_s == SPIN_S
+    assert not decide(HostMode(), "nccl", 1, 8).realtime
+    with pytest.raises(ValueError, match="needs slept delays"):
+        decide(HostMode(delay_mode="spin", rank_priority="realtime"), "gloo", 2, 2)
