@@ -9,11 +9,12 @@ one window to the next. A simulator's prediction of a collective median from a p
 measured at another time cannot be expected to do better than this spread.
 
 The ranks wait as the emulator's ranks do (runtime.awake, delay): idle-priority spinners,
-real-time priority where permitted, slept delays with the same spun tail.
+real-time priority where permitted, slept delays with the same spun tail, each pinned to a
+CPU of its own (``--pin-ranks off`` lets them float, to see the difference).
 
     .venv/bin/python benchmarks/bench_host_drift.py [--bytes 262144] [--delay-ms 1.6]
         [--windows 40] [--per-window 400] [--rank-priority auto|realtime|normal]
-        [--keep-awake auto|on|off]
+        [--keep-awake auto|on|off] [--pin-ranks auto|on|off]
 """
 
 from __future__ import annotations
@@ -27,16 +28,17 @@ import numpy as np
 
 
 def _rank(rank: int, port: int, args: argparse.Namespace, realtime: bool, spin_s: float,
-          queue) -> None:
+          cpu_slot, queue) -> None:
     import torch
     import torch.distributed as dist
 
-    from emulator.runtime.awake import set_realtime
+    from emulator.runtime.awake import pin_threads, set_realtime
     from emulator.runtime.delay import precise_sleep
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), GLOO_SOCKET_IFNAME="lo")
     dist.init_process_group("gloo", rank=rank, world_size=2)
     set_realtime(realtime)
+    pin_threads(cpu_slot)  # after the init: gloo's threads too
     buf = torch.zeros(args.bytes // 2, dtype=torch.bfloat16)
     for _ in range(20):
         dist.all_reduce(buf)
@@ -62,22 +64,25 @@ def main() -> None:
     ap.add_argument("--per-window", type=int, default=400)
     ap.add_argument("--rank-priority", default="auto", choices=["auto", "realtime", "normal"])
     ap.add_argument("--keep-awake", default="auto", choices=["auto", "on", "off"])
+    ap.add_argument("--pin-ranks", default="auto", choices=["auto", "on", "off"])
     args = ap.parse_args()
 
     import torch.multiprocessing as mp
 
     from emulator.runtime.awake import HostMode, IdleSpinners, cpus_available, decide
 
-    waits = decide(HostMode(keep_awake=args.keep_awake, rank_priority=args.rank_priority),
-                   "gloo", 2, cpus_available())
-    awake, spin_s, realtime = waits.keep_awake, waits.spin_s, waits.realtime
+    mode = HostMode(keep_awake=args.keep_awake, rank_priority=args.rank_priority,
+                    pin_ranks=args.pin_ranks)
+    waits = [decide(mode, "gloo", 2, cpus_available(), r) for r in range(2)]
+    awake, spin_s, realtime = waits[0].keep_awake, waits[0].spin_s, waits[0].realtime
     spinners = IdleSpinners()
     spinners.start(cpus_available() if awake else 0)
     try:
         ctx = mp.get_context("spawn")
         queue = ctx.SimpleQueue()
         port = 29000 + os.getpid() % 1000
-        procs = [ctx.Process(target=_rank, args=(r, port, args, realtime, spin_s, queue))
+        procs = [ctx.Process(target=_rank, args=(r, port, args, realtime, spin_s,
+                                                 waits[r].cpu_slot, queue))
                  for r in range(2)]
         for p in procs:
             p.start()
@@ -91,7 +96,9 @@ def main() -> None:
     ref = float(np.median(med))
     print(f"all-reduce {args.bytes:,} B after a {args.delay_ms:g} ms delay, 2 ranks, "
           f"{args.per_window} per window; spinners {'on' if awake else 'off'}, "
-          f"{'realtime' if realtime else 'normal'} priority; load {os.getloadavg()}")
+          f"{'realtime' if realtime else 'normal'} priority, "
+          f"{'not pinned' if waits[0].cpu_slot is None else 'pinned'}; "
+          f"load {os.getloadavg()}")
     print("window medians (us), each at seconds since the first window ended:")
     print("  " + ", ".join(f"{(t - t0):.0f}s {m * 1e6:.0f}" for t, m in windows))
     print(f"median of window medians {ref * 1e6:.1f} us (reference)")

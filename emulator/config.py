@@ -60,6 +60,9 @@ class RunConfig(BaseModel):
     rank_priority: Literal["auto", "realtime", "normal"] = Field(
         "auto", description="CPU priority of the ranks' threads: realtime (SCHED_FIFO 1: a rank that wakes preempts the driver and Ray's daemons at once, instead of waiting up to a time slice; needs slept delays and root or an rtprio limit), normal, or auto (realtime on the gloo backend when delays are slept and it is permitted).")
 
+    pin_ranks: Literal["auto", "on", "off"] = Field(
+        "auto", description="Pin each rank's threads to a CPU of its own (round robin over a node's CPUs): on, off, or auto (on with the gloo backend when a node has a CPU for every rank). Ranks left to float move between CPUs at their wake-ups, which makes a collective's time switch between two levels every few seconds.")
+
     @model_validator(mode="after")
     def _check(self) -> "RunConfig":
         if self.attention_dp and self.ep != self.dp * self.tp:

@@ -40,13 +40,16 @@ def _bench_options(func):
         click.option("--rank-priority", type=click.Choice(["auto", "realtime", "normal"]),
                      default="auto", show_default=True, help="CPU priority of the ranks "
                      "while measuring (as `emulate --rank-priority`)."),
+        click.option("--pin-ranks", type=click.Choice(["auto", "on", "off"]), default="auto",
+                     show_default=True, help="Pin each rank to a CPU of its own while "
+                     "measuring (as `emulate --pin-ranks`)."),
     ]):
         func = opt(func)
     return func
 
 
 def _run_bench(ops, min_bytes, max_bytes, world, iters, quick, spread, address, keep_awake,
-               rank_priority):
+               rank_priority, pin_ranks):
     from emulator.calibrate.bench import parse_size, run_bench, sizes_between
 
     if quick:
@@ -57,7 +60,8 @@ def _run_bench(ops, min_bytes, max_bytes, world, iters, quick, spread, address, 
     console = Console(stderr=True)
     return run_bench([o.strip() for o in ops.split(",")], sizes, worlds, num_iters=iters,
                      spread=spread, address=address,
-                     host_mode=HostMode(keep_awake=keep_awake, rank_priority=rank_priority),
+                     host_mode=HostMode(keep_awake=keep_awake, rank_priority=rank_priority,
+                                        pin_ranks=pin_ranks),
                      on_row=lambda op, n, b, t: console.print(
                          f"  {op:<10} n={n} {b:>10} B {format_seconds(t)}", highlight=False))
 
@@ -118,11 +122,13 @@ def calibrate(output, from_bench, no_host_probe, name, line_only, **kw):
     else:
         raw = _run_bench(**{k: kw[k] for k in ("ops", "min_bytes", "max_bytes", "world",
                                                "iters", "quick", "spread", "address",
-                                               "keep_awake", "rank_priority")})
+                                               "keep_awake", "rank_priority",
+                                               "pin_ranks")})
     profile, points = run(raw, name=name or socket.gethostname(),
                           host_probe=not no_host_probe, address=kw["address"], output=output,
                           host_mode=HostMode(keep_awake=kw["keep_awake"],
-                                             rank_priority=kw["rank_priority"]),
+                                             rank_priority=kw["rank_priority"],
+                                             pin_ranks=kw["pin_ranks"]),
                           measured_curve=not line_only)
     table = Table(title=f"fit of {profile.name}: alpha + bytes x (beta + gamma)")
     for col in ("op", "ranks", "place", "alpha", "beta (ns/B)", "gamma (ns/B)",

@@ -28,6 +28,16 @@ us median instead of 83-103 us), so less of each delay has to be spun. Real-time
 only run that way while they sleep most of the time (the kernel keeps 5% of every second
 for normal processes; a spinning real-time rank would take the rest), so the priority is
 used with slept delays only.
+
+Even so, two real-time ranks that float over both CPUs of the development VM move between
+them at every wake-up, and a 256 KiB all-reduce after a 1.6 ms delay takes 0.43-0.65 ms
+(window medians over 25 s); with each rank's threads pinned to a CPU of its own
+(:func:`pin_threads`) it takes 0.24-0.28 ms, and stays there (two plain torch.distributed
+processes, no Ray: /tmp experiment of 2026-12-06, the pattern of benchmarks/bench_host_drift.py).
+Unpinned, the host switches between the two regimes every few seconds, which is most of
+the drift of a collective's median over a run. Pinned at normal priority: 0.26-0.42 ms with
+bursts to 2.2 ms; so ranks are pinned where each can have a CPU of its own
+(:func:`wants_pinned`).
 """
 
 from __future__ import annotations
@@ -51,12 +61,21 @@ while os.getppid() == parent:
 """
 
 
-def cpus_available() -> int:
-    """CPUs this process may run on (its affinity mask, not the machine's count)."""
+def _affinity() -> list[int]:
     try:
-        return len(os.sched_getaffinity(0))
+        return sorted(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
-        return os.cpu_count() or 1
+        return list(range(os.cpu_count() or 1))
+
+
+_CPUS = _affinity()
+"""The CPUs this process could run on when it started (before any :func:`pin_threads`)."""
+
+
+def cpus_available() -> int:
+    """CPUs this process may run on (its affinity mask when it started, not the machine's
+    count; a pinned rank still reports the node's)."""
+    return len(_CPUS)
 
 
 def spinners_for(local_index: int, ranks_on_node: int, cpus: int) -> int:
@@ -77,11 +96,22 @@ class HostMode:
     """Idle-priority spinners: auto, on, off (:func:`wants_keep_awake`)."""
     rank_priority: str = "auto"
     """auto, realtime, normal (:func:`wants_realtime`)."""
+    pin_ranks: str = "auto"
+    """auto, on, off (:func:`wants_pinned`)."""
 
     @classmethod
     def of(cls, config) -> "HostMode":
-        """The host mode of a RunConfig (or anything with the three attributes)."""
-        return cls(config.delay_mode, config.keep_awake, config.rank_priority)
+        """The host mode of a RunConfig (or anything with the four attributes)."""
+        return cls(config.delay_mode, config.keep_awake, config.rank_priority,
+                   config.pin_ranks)
+
+
+def wants_pinned(mode: str, backend: str, ranks_on_node: int, cpus: int) -> bool:
+    """Whether a node's ranks are pinned to CPUs (one each, round robin): ``on``; ``off``;
+    ``auto``: on the CPU backend (gloo) when the node has a CPU for every rank."""
+    if mode not in ("auto", "on", "off"):
+        raise ValueError(f"pin-ranks mode must be auto, on or off, got {mode!r}")
+    return mode == "on" or (mode == "auto" and backend == "gloo" and ranks_on_node <= cpus)
 
 
 def wants_realtime(mode: str, backend: str, sleeps: bool, allowed: bool) -> bool:
@@ -113,11 +143,16 @@ class HostWaits:
     """The spun tail of a compute delay; ``inf``: delays are spun whole."""
     realtime: bool
     """Whether the rank's threads run at real-time priority."""
+    cpu_slot: int | None = None
+    """Which of the node's CPUs (an index into them, in order) the rank's threads are
+    pinned to; None: not pinned."""
 
 
-def decide(mode: HostMode, backend: str, ranks_on_node: int, cpus: int) -> HostWaits:
-    """Spinners, spun tail and priority of a rank in ``mode`` (raises ValueError for an
-    impossible combination, e.g. realtime with spun delays)."""
+def decide(mode: HostMode, backend: str, ranks_on_node: int, cpus: int,
+           local_index: int = 0) -> HostWaits:
+    """Spinners, spun tail, priority and CPU of the rank at ``local_index`` of the node's
+    ``ranks_on_node`` in ``mode`` (raises ValueError for an impossible combination, e.g.
+    realtime with spun delays)."""
     from emulator.runtime.delay import REALTIME_SPIN_S, spin_for
 
     awake = wants_keep_awake(mode.keep_awake, backend)
@@ -125,7 +160,9 @@ def decide(mode: HostMode, backend: str, ranks_on_node: int, cpus: int) -> HostW
     sleeps = spin_s != float("inf")
     realtime = wants_realtime(mode.rank_priority, backend, sleeps,
                               mode.rank_priority != "normal" and realtime_allowed())
-    return HostWaits(awake, REALTIME_SPIN_S if realtime else spin_s, realtime)
+    slot = (local_index % cpus
+            if wants_pinned(mode.pin_ranks, backend, ranks_on_node, cpus) else None)
+    return HostWaits(awake, REALTIME_SPIN_S if realtime else spin_s, realtime, slot)
 
 
 def realtime_allowed() -> bool:
@@ -163,6 +200,22 @@ def set_realtime(on: bool) -> int:
         except (ProcessLookupError, PermissionError):
             pass  # a thread that exited meanwhile; or not permitted (checked before)
     return switched
+
+
+def pin_threads(cpu_slot: int | None) -> int | None:
+    """Restrict every thread of this process to the node's CPU number ``cpu_slot`` (an
+    index into the CPUs it could use at start; threads started later inherit it from the
+    thread that starts them), or with None give them all those CPUs back. Returns the CPU
+    id pinned to, or None (also where affinity cannot be set: not Linux)."""
+    if not hasattr(os, "sched_setaffinity"):
+        return None
+    cpus = set(_CPUS) if cpu_slot is None else {_CPUS[cpu_slot % len(_CPUS)]}
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            os.sched_setaffinity(int(tid), cpus)
+        except (ProcessLookupError, PermissionError):
+            pass  # a thread that exited meanwhile
+    return None if cpu_slot is None else next(iter(cpus))
 
 
 def wants_keep_awake(mode: str, backend: str) -> bool:

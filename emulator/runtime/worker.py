@@ -42,7 +42,7 @@ import torch.distributed as dist
 from emulator.core.routing import route
 from emulator.core.work import StageWork
 from emulator.runtime.awake import (HostMode, IdleSpinners, cpus_available, decide,
-                                    set_realtime, spinners_for)
+                                    pin_threads, set_realtime, spinners_for)
 from emulator.runtime.delay import SPIN_S, CudaStreamDelay, precise_sleep
 from emulator.runtime.groups import TimedCollectives, init_process_groups, rank_topology
 from emulator.runtime.ray_setup import LayoutLike
@@ -130,6 +130,7 @@ class Worker:
             self._synchronize = lambda: None
         self.spin_s = SPIN_S
         self.realtime = False
+        self.cpu: int | None = None
         self._spinners = IdleSpinners()
         self._coll = TimedCollectives(rank, {}, self._device, self._now, self._synchronize)
         self._groups: dict = {}
@@ -394,13 +395,15 @@ class Worker:
     def set_host_mode(self, mode: HostMode, local_index: int, ranks_on_node: int) -> dict:
         """How this rank waits: compute delays spun or slept (delay.spin_for), whether it
         runs its share of the node's idle-priority spinners, and whether its threads run at
-        real-time priority (runtime.awake). Returns ``{"spin_s": spun tail of a slept delay
-        (None: delays are spun whole), "spinners": spinners this rank runs, "realtime":
-        bool}``."""
+        real-time priority and are pinned to a CPU of their own (runtime.awake). Returns
+        ``{"spin_s": spun tail of a slept delay (None: delays are spun whole), "spinners":
+        spinners this rank runs, "realtime": bool, "cpu": CPU id pinned to or None}``."""
         cpus = cpus_available()
-        waits = decide(mode, self.backend, ranks_on_node, cpus)
+        waits = decide(mode, self.backend, ranks_on_node, cpus, local_index)
+        pin_threads(None)  # spinners start unpinned: they keep every CPU awake
         self._spinners.start(spinners_for(local_index, ranks_on_node, cpus)
                              if waits.keep_awake else 0)
+        self.cpu = pin_threads(waits.cpu_slot)
         self.spin_s = waits.spin_s
         if waits.realtime != self.realtime:
             set_realtime(waits.realtime)
@@ -411,7 +414,7 @@ class Worker:
         spun_whole = self.spin_s == float("inf")  # JSON has no infinity: None
         return {"spin_s": None if spun_whole else self.spin_s,
                 "spinners": self._spinners.count,
-                "realtime": self.realtime}
+                "realtime": self.realtime, "cpu": self.cpu}
 
     @ray.method(concurrency_group="control")
     def ping(self) -> int:

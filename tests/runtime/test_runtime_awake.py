@@ -1,5 +1,5 @@
 """Idle-priority spinners: how they are shared out, their scheduling class, and that they
-exit with their parent."""
+exit with their parent; real-time priority; ranks pinned to CPUs."""
 
 import os
 import subprocess
@@ -126,8 +126,48 @@ def test_decide_combines_spinners_delays_and_priority():
     assert auto.spin_s == (REALTIME_SPIN_S if rt else SPIN_S)
     # no spinners and a core per rank: delays spun whole, so never real-time
     assert decide(HostMode(keep_awake="off"), "gloo", 2, 2) == (
-        type(auto)(keep_awake=False, spin_s=float("inf"), realtime=False))
+        type(auto)(keep_awake=False, spin_s=float("inf"), realtime=False, cpu_slot=0))
     assert decide(HostMode(rank_priority="normal"), "gloo", 2, 2).spin_s == SPIN_S
     assert not decide(HostMode(), "nccl", 1, 8).realtime
     with pytest.raises(ValueError, match="needs slept delays"):
         decide(HostMode(delay_mode="spin", rank_priority="realtime"), "gloo", 2, 2)
+
+
+def test_pin_threads_pins_every_thread_and_gives_the_cpus_back():
+    import threading
+
+    from emulator.runtime.awake import cpus_available, pin_threads
+
+    if not hasattr(os, "sched_setaffinity"):
+        pytest.skip("no CPU affinity here")
+    full = os.sched_getaffinity(0)
+    last = sorted(full)[-1]
+    stop = threading.Event()
+    other = threading.Thread(target=stop.wait)
+    other.start()
+    try:
+        tids = [int(t) for t in os.listdir("/proc/self/task")]
+        assert pin_threads(len(full) - 1) == last
+        assert {frozenset(os.sched_getaffinity(t)) for t in tids} == {frozenset({last})}
+        assert cpus_available() == len(full)  # still the node's CPUs, not the pinned one
+        assert pin_threads(len(full)) == sorted(full)[0]  # slots wrap round
+    finally:
+        assert pin_threads(None) is None
+        stop.set()
+        other.join()
+    assert os.sched_getaffinity(0) == full
+
+
+def test_ranks_are_pinned_round_robin_where_each_has_a_cpu():
+    from emulator.runtime.awake import HostMode, decide, wants_pinned
+
+    assert wants_pinned("auto", "gloo", 2, 2) and not wants_pinned("auto", "gloo", 3, 2)
+    assert not wants_pinned("auto", "nccl", 1, 8) and wants_pinned("on", "gloo", 4, 2)
+    assert not wants_pinned("off", "gloo", 1, 2)
+    with pytest.raises(ValueError, match="auto, on or off"):
+        wants_pinned("yes", "gloo", 1, 2)
+    assert [decide(HostMode(), "gloo", 2, 2, i).cpu_slot for i in range(2)] == [0, 1]
+    assert [decide(HostMode(), "gloo", 4, 2, i).cpu_slot for i in range(4)] == [None] * 4
+    assert [decide(HostMode(pin_ranks="on"), "gloo", 4, 2, i).cpu_slot
+            for i in range(4)] == [0, 1, 0, 1]
+    assert decide(HostMode(pin_ranks="off"), "gloo", 2, 2, 1).cpu_slot is None
