@@ -29,15 +29,14 @@ only run that way while they sleep most of the time (the kernel keeps 5% of ever
 for normal processes; a spinning real-time rank would take the rest), so the priority is
 used with slept delays only.
 
-Even so, two real-time ranks that float over both CPUs of the development VM move between
-them at every wake-up, and a 256 KiB all-reduce after a 1.6 ms delay takes 0.43-0.65 ms
-(window medians over 25 s); with each rank's threads pinned to a CPU of its own
-(:func:`pin_threads`) it takes 0.24-0.28 ms, and stays there (two plain torch.distributed
-processes, no Ray: /tmp experiment of 2026-12-06, the pattern of benchmarks/bench_host_drift.py).
-Unpinned, the host switches between the two regimes every few seconds, which is most of
-the drift of a collective's median over a run. Pinned at normal priority: 0.26-0.42 ms with
-bursts to 2.2 ms; so ranks are pinned where each can have a CPU of its own
-(:func:`wants_pinned`).
+Real-time ranks left to float over the CPUs move between them at their wake-ups. Pinning
+each rank's threads to a CPU of its own (:func:`pin_threads`, where a node has a CPU per
+rank: :func:`wants_pinned`) helps a little: on the development VM, in windows alternating
+pinned and floating within one run (two plain torch.distributed processes, a 256 KiB
+all-reduce after a 1.6 ms delay), the pinned windows' median was 423 us against 479 us, and
+lower in 15 of 20 pairs. It does not remove the host's own regimes: a back-to-back
+all-reduce of that size takes ~240 us for tens of seconds, then ~400 us (benchmarks/
+bench_host_drift.py shows them).
 """
 
 from __future__ import annotations
