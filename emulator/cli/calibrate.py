@@ -162,10 +162,14 @@ def calibrate(output, from_bench, no_host_probe, name, line_only, **kw):
 @click.option("--host-probe/--no-host-probe", default=True, show_default=True,
               help="Re-measure the host overheads just before emulating (they follow the "
               "machine's load); the collective lines always come from --comm-profile.")
+@click.option("--thermometer/--no-thermometer", default=True, show_default=True,
+              help="Add one back-to-back probe collective per step (TP all-reduce, PP "
+              "transfer) and price the run with the collective speed they measured; the "
+              "as-calibrated errors are reported beside.")
 @click.option("--reuse-emulation", is_flag=True,
               help="Keep OUTDIR/emulate (do not re-run it); re-simulate and re-report, with "
               "--comm-profile if given (e.g. after re-calibrating).")
-def validate(config_file, outdir, host_probe, reuse_emulation, **values):
+def validate(config_file, outdir, host_probe, thermometer, reuse_emulation, **values):
     """Emulate and simulate (host profile, same dilation) one trace; report the errors."""
     from emulator.config import build_config
     from emulator.validate.run import revalidate
@@ -174,7 +178,8 @@ def validate(config_file, outdir, host_probe, reuse_emulation, **values):
     if reuse_emulation:
         report = revalidate(outdir, values.get("comm_profile"))
     else:
-        report = run(build_config(config_file, **values), outdir, host_probe=host_probe)
+        report = run(build_config(config_file, **values), outdir, host_probe=host_probe,
+                     thermometer=thermometer)
     console = Console(width=120)
     table = Table(title=f"validation: {outdir}")
     table.add_column("metric")
@@ -196,6 +201,18 @@ def validate(config_file, outdir, host_probe, reuse_emulation, **values):
                       f"{format_seconds(r['measured_median_s'])}  predicted "
                       f"{format_seconds(r['predicted_median_s'])}  "
                       f"{(r['median_error'] or 0) * 100:+.1f}%", highlight=False)
+    for op, t in (report.get("thermometer") or {}).items():
+        console.print(f"  thermometer {op} {int(t['bytes']):,} B n={t['num_instances']}: "
+                      f"measured {format_seconds(t['measured_median_s'])}, as calibrated "
+                      f"{format_seconds(t['predicted_median_s'])}: calls "
+                      f"{t['shift_s'] * 1e6:+.1f} µs (target time)", highlight=False)
+    calibrated = report.get("as_calibrated")
+    if calibrated:
+        console.print("  as calibrated: " + ", ".join(
+            f"{k.replace('_error', '').replace('_', ' ')} "
+            + ("-" if calibrated[k] is None else f"{calibrated[k] * 100:+.1f}%")
+            for k in ("step_time_median_error", "drain_time_error",
+                      "collective_median_error_large")), highlight=False)
     console.print(report["verdict"], highlight=False)
 
 

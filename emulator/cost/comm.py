@@ -129,6 +129,13 @@ class CommEntry(BaseModel):
                                             "slope_s_per_byte": p.slope_s_per_byte * factor})
                        for p in self.pieces]})
 
+    def shifted(self, shift_s: float) -> CommEntry:
+        """Every call ``shift_s`` seconds longer (alphas shifted, clipped at 0)."""
+        return self.model_copy(update={
+            "alpha_s": max(0.0, self.alpha_s + shift_s),
+            "pieces": [p.model_copy(update={"alpha_s": max(0.0, p.alpha_s + shift_s)})
+                       for p in self.pieces]})
+
     @model_validator(mode="after")
     def _send_recv_pairs(self) -> CommEntry:
         if self.op == "send_recv" and self.group_size != 2:
@@ -341,6 +348,15 @@ class CommProfile(BaseModel):
         entries = [e.scaled(factor) for e in self.entries]
         host = self.host.scaled(factor) if self.host is not None else None
         return CommProfile(name=f"{self.name} x{factor:g}", entries=entries, host=host)
+
+    def lines_shifted(self, shifts_s: dict[str, float], name: str | None = None
+                      ) -> CommProfile:
+        """A profile whose lines of each op in ``shifts_s`` cost that many seconds more per
+        call (less when negative; a call never below 0 s; other ops and the host overheads
+        unchanged): `validate` re-prices a run with the speed its thermometer probes
+        measured."""
+        entries = [e.shifted(shifts_s[e.op]) if e.op in shifts_s else e for e in self.entries]
+        return CommProfile(name=name or self.name, entries=entries, host=self.host)
 
     def lookup(self, op: str, group_size: int, placement: str) -> CommEntry:
         """The entry for exactly ``group_size``, else the nearest measured size (ties go to

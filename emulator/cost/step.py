@@ -84,8 +84,12 @@ class CostModel:
 
     def __init__(self, model, hardware, layout, profile: CommProfile | None = None,
                  efficiency: Efficiency | None = None, *, routing: RoutingSpec | None = None,
-                 dispatch_dtype_bytes: int | None = None) -> None:
+                 dispatch_dtype_bytes: int | None = None, probe_bytes: int = 0) -> None:
         layout.validate_for(model)
+        self._args = dict(efficiency=efficiency, routing=routing,
+                          dispatch_dtype_bytes=dispatch_dtype_bytes, probe_bytes=probe_bytes)
+        self.probe_bytes = int(probe_bytes)
+        """Thermometer probes in every stage (StageWork.probe_bytes); 0 = none."""
         self.model, self.hardware, self.layout = model, hardware, layout
         self.tp, self.pp, self.ep = layout.tp, layout.pp, layout.ep
         self.profile = profile or CommProfile.from_hardware(
@@ -125,6 +129,10 @@ class CostModel:
                             else None)
         self._loads: dict[int, tuple] = {}  # token bucket -> sampled per-rank loads
         self._load_by_tokens: dict[int, MoeLoad] = {}
+
+    def with_profile(self, profile: CommProfile) -> "CostModel":
+        """The same cost model (routing, dispatch dtype, probes) pricing with ``profile``."""
+        return CostModel(self.model, self.hardware, self.layout, profile, **self._args)
 
     # --- communication lines, resolved once per replica -------------------------------
     def _lines(self, replica: int) -> dict:
@@ -229,7 +237,9 @@ class CostModel:
                 post_compute_s=float(lm_head_time_s(s, roof, num_samples)) if last else 0.0,
                 logits_gather_bytes=(num_samples * (self.model.vocab_size // self.tp)
                                      * self.model.dtype_bytes if last and self.tp > 1 else 0),
-                pp_send_bytes=0 if last else act, **ep_fields))
+                pp_send_bytes=0 if last else act,
+                probe_bytes=self.probe_bytes if self.tp > 1 or self.pp > 1 else 0,
+                **ep_fields))
         return StepWork(stages=stages, num_tokens=num_tokens, num_sampled_tokens=num_samples)
 
     def _moe_times(self, num_tokens: int, expert_tokens):
@@ -327,8 +337,9 @@ class CostModel:
         """(compute_s [pp], comm_s [pp], p2p_s) of ``work`` run by DP replica ``replica``.
 
         comm_s per stage: 2 TP all-reduces per layer, the embedding all-reduce, the logits
-        all-gather and (MoE, ep > 1) a dispatch and a combine all-to-all per MoE layer.
-        p2p_s: one stage-to-stage activation transfer (the slowest boundary); 0 when pp == 1.
+        all-gather, (MoE, ep > 1) a dispatch and a combine all-to-all per MoE layer, and the
+        thermometer probe's all-reduce (``probe_bytes``). p2p_s: one stage-to-stage
+        activation transfer, and the probe's after it (the slowest boundary); 0 when pp == 1.
         """
         lines = self._lines(replica)
         ar, ag, a2a = lines["ar"], lines["ag"], lines["a2a"]
@@ -348,9 +359,13 @@ class CostModel:
             if a2a[p] is not None and st.ep_dispatch_bytes:  # dispatch + combine per MoE layer
                 t += self._num_moe[p] * (a2a[p].time_s(st.ep_dispatch_bytes)
                                          + a2a[p].time_s(st.ep_combine_bytes))
+            if ar[p] is not None and st.probe_bytes:
+                t += ar[p].time_s(st.probe_bytes)
             comm[p] = t
         send = work.stages[0].pp_send_bytes if self.pp > 1 else 0
-        p2p = max((h.time_s(send) for h in lines["hops"]), default=0.0)
+        probe = work.stages[0].probe_bytes if self.pp > 1 else 0
+        p2p = max((h.time_s(send) + (h.time_s(probe) if probe else 0.0)
+                   for h in lines["hops"]), default=0.0)
         return compute, comm, float(p2p)
 
     # --- steady decode fast-forward ---------------------------------------------------------

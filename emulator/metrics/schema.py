@@ -8,7 +8,8 @@ Units: times are seconds (``_s``) of *target* time — host wall time divided by
 ``dilation`` in the emulator, predicted time in the simulator — measured from the start of
 the run; sizes are bytes; token counts are tokens. Integer ids (replica, step, stage, rank,
 layer) start at 0; ``layer = -1`` marks a collective that belongs to no decoder layer
-(embedding all-reduce, logits gather, pipeline send/recv).
+(embedding all-reduce, logits gather, pipeline send/recv), ``layer = -2`` a thermometer
+probe (a back-to-back collective that `validate` adds to measure the host during the run).
 """
 
 from __future__ import annotations
@@ -72,7 +73,7 @@ COLLECTIVE_COLUMNS: tuple[Column, ...] = (
     ("replica", pa.int32(), np.dtype(np.int32), "DP replica"),
     ("step", pa.int64(), np.dtype(np.int64), "step counter within the replica"),
     ("stage", pa.int32(), np.dtype(np.int32), "pipeline stage of the rank"),
-    ("layer", pa.int32(), np.dtype(np.int32), "global decoder layer; -1 outside layers"),
+    ("layer", pa.int32(), np.dtype(np.int32), "global decoder layer; -1 outside layers, -2 a thermometer probe"),
     ("rank", pa.int32(), np.dtype(np.int32), "global rank"),
     ("axis", pa.string(), None, "mesh axis: " + "|".join(AXES)),
     ("op", pa.string(), None, "op: " + "|".join(OPS)),

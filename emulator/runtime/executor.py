@@ -297,9 +297,12 @@ class Emulation:
             # of its own, hence its own name and counter.
             groups[is_ep] = f"ep/dp{r}/pp{stage}"
             seq[is_ep] = np.arange(int(is_ep.sum()))
-            send = ops == "send"
+            send, recv = ops == "send", ops == "recv"
             groups[send] = f"pp/dp{r}/tp{tp_index}/{stage}>{stage + 1}"
-            groups[ops == "recv"] = f"pp/dp{r}/tp{tp_index}/{stage - 1}>{stage}"
+            groups[recv] = f"pp/dp{r}/tp{tp_index}/{stage - 1}>{stage}"
+            # the activations, then (validate's thermometer) a probe transfer
+            seq[send] = np.arange(int(send.sum()))
+            seq[recv] = np.arange(int(recv.sum()))
             cols["rank"].append(np.full(c, x.rank))
             cols["stage"].append(np.full(c, stage))
             cols["layer"].append(x.coll_layer)

@@ -26,6 +26,10 @@ NO_LAYER = -1
 """``coll_layer`` / ``comp_layer`` of work that belongs to no decoder layer (embedding,
 logits, pipeline transfers)."""
 
+PROBE_LAYER = -2
+"""``coll_layer`` of a thermometer probe (StageWork.probe_bytes): a back-to-back collective
+that measures the host's collective speed during the run."""
+
 
 @dataclass(slots=True)
 class StepRecords:

@@ -12,14 +12,16 @@ One step on one rank (``run_step``), with ``d = dilation``:
   stage > 0: recv activations from the previous stage (same TP index)
   stage 0:   sleep pre_compute_s*d; all-reduce embed_allreduce_bytes over TP (if tp > 1)
   per layer: sleep attn_compute_s*d; [first layer: write this step's KV rows];
-             all-reduce tp_allreduce_bytes; sleep mlp_compute_s*d; all-reduce again
+             all-reduce tp_allreduce_bytes [first layer: and work.probe_bytes right after,
+             validate's thermometer]; sleep mlp_compute_s*d; all-reduce again
   EP layer:  (work.ep_layers) the MLP part becomes: route the step's tokens (core.routing,
              the same seeded gating everywhere); sleep (mlp - expert)*d for router and
              shared experts; all_to_all dispatch with the routing's uneven splits; sleep
              this rank's own expert time for the pairs it received; all_to_all combine
              (splits transposed). Imbalance thus becomes real waiting in the combine.
   last:      sleep post_compute_s*d; all-gather logits_gather_bytes per rank over TP
-  otherwise: send pp_send_bytes of activations to the next stage
+  otherwise: send pp_send_bytes of activations to the next stage [and probe_bytes after it,
+             received right after the activations]
 KV rows are written once per step, after the first layer's attention (one index_fill over
 all of the step's slots): a pool row stands for one token's KV in *all* of this stage's
 layers, so one write per step touches exactly the rows a real engine would fill.
@@ -46,7 +48,8 @@ from emulator.runtime.awake import (HostMode, IdleSpinners, cpus_available, deci
 from emulator.runtime.delay import SPIN_S, CudaStreamDelay, precise_sleep
 from emulator.runtime.groups import TimedCollectives, init_process_groups, rank_topology
 from emulator.runtime.ray_setup import LayoutLike
-from emulator.runtime.records import COMPUTE_KINDS, NO_LAYER, CollectiveState, StepRecords
+from emulator.runtime.records import (COMPUTE_KINDS, NO_LAYER, PROBE_LAYER, CollectiveState,
+                                      StepRecords)
 
 DTYPE = torch.bfloat16
 DTYPE_BYTES = 2
@@ -289,8 +292,11 @@ class Worker:
         start_s = self._now()
         try:
             self._check_step(work, slot_ids, num_tokens, recv_bytes)
+            probe = work.probe_bytes
             if topo.prev_stage_rank is not None:
                 coll.recv(topo.prev_stage_rank, recv_bytes)
+                if probe:
+                    coll.recv(topo.prev_stage_rank, probe, PROBE_LAYER)
             if topo.stage == 0:
                 self._compute(pre, NO_LAYER, work.pre_compute_s * dilation)
                 if work.embed_allreduce_bytes:
@@ -301,6 +307,8 @@ class Worker:
                     self._write_kv(slot_ids)
                 if work.tp_allreduce_bytes:
                     coll.all_reduce("tp", work.tp_allreduce_bytes, layer)
+                    if i == 0 and probe:
+                        coll.all_reduce("tp", probe, PROBE_LAYER)
                 if work.ep_layers is not None and work.ep_layers[i]:
                     self._expert_layer(step_key, work, i, layer, num_tokens, dilation)
                 else:
@@ -312,8 +320,10 @@ class Worker:
                 if work.logits_gather_bytes:
                     coll.all_gather("tp", work.logits_gather_bytes, NO_LAYER,
                                     len(topo.tp_ranks))
-            else:
+            if topo.next_stage_rank is not None:
                 coll.send(topo.next_stage_rank, work.pp_send_bytes)
+                if probe:
+                    coll.send(topo.next_stage_rank, probe, PROBE_LAYER)
         except BaseException as exc:
             coll.fail_step(exc)
             raise

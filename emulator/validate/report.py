@@ -34,6 +34,7 @@ import pyarrow as pa
 from emulator.cost.comm import CommProfile
 from emulator.metrics.instances import instance_ids
 from emulator.metrics.summary import compute_metrics
+from emulator.runtime.records import PROBE_LAYER
 
 LARGE_BYTES = 64 * 1024
 MIN_SHAPE_REPEATS = 3
@@ -92,7 +93,7 @@ def collective_instances(collectives: pa.Table, node_of_rank: list | None = None
     cost model's convention: all_gather = gathered output), time_s, sync_wait_s."""
     c = {n: collectives[n].to_numpy(zero_copy_only=False) for n in (
         "replica", "step", "stage", "group", "seq", "op", "rank", "bytes", "entry_s",
-        "exit_s")}
+        "exit_s", "layer")}
     ids = instance_ids(replica=c["replica"], step=c["step"], group=c["group"], seq=c["seq"])
     order = np.argsort(ids, kind="stable")
     ids_s = ids[order]
@@ -131,7 +132,8 @@ def collective_instances(collectives: pa.Table, node_of_rank: list | None = None
             "op": op, "group_size": np.where(op == "send_recv", 2, size),
             "placement": np.where(inter, "inter", "intra"), "bytes": nbytes,
             "time_s": time_s, "sync_wait_s": sync, "idle_before_s": idle_before,
-            "sender_waited": sender_waited}
+            "sender_waited": sender_waited,
+            "is_probe": c["layer"][order][starts] == PROBE_LAYER}
 
 
 def _gap_before(replica, step, rank, entry_s, exit_s) -> np.ndarray:
@@ -149,19 +151,67 @@ def _gap_before(replica, step, rank, entry_s, exit_s) -> np.ndarray:
     return res
 
 
+def _predicted(inst: dict[str, np.ndarray], profile: CommProfile
+               ) -> tuple[np.ndarray, np.ndarray]:
+    """Per instance (the benchmark line, the host's wake-up cost after the idle time before
+    it: HostOverhead.wake / p2p_wake; zeros without a host profile)."""
+    line = np.array([profile.time_s(o, int(n), p, float(b)) for o, n, p, b in zip(
+        inst["op"].tolist(), inst["group_size"].tolist(), inst["placement"].tolist(),
+        inst["bytes"].tolist())])
+    delay_s = inst.get("idle_before_s")
+    if profile.host is None or delay_s is None:
+        return line, np.zeros_like(line)
+    p2p = inst["op"] == "send_recv"
+    sender_waited = inst.get("sender_waited", np.zeros(p2p.size, bool))
+    return line, np.where(p2p, profile.host.p2p_wake(delay_s, sender_waited),
+                          profile.host.wake(delay_s))
+
+
+THERMOMETER_OPS = {"all_reduce": ("all_reduce", "all_gather", "all_to_all"),
+                   "send_recv": ("send_recv",)}
+"""Probe op -> the ops whose lines its measured speed re-prices."""
+
+
+def thermometer(inst: dict[str, np.ndarray], profile: CommProfile) -> dict[str, Any]:
+    """What the run's thermometer probes (``is_probe`` instances: back-to-back collectives
+    of one size, StageWork.probe_bytes) say about the host during the run, per probe op:
+    instances, bytes, measured and predicted median, and ``shift_s``, how much longer than
+    predicted the probes took (measured - predicted median, the tables' units). The host's
+    slow and fast regimes differ by a cost per call (a collective right after a delay is
+    slower than one back to back by about the same time in both), so the shift is added to
+    every call of the ops it stands for (THERMOMETER_OPS), whatever their size."""
+    probes = inst.get("is_probe")
+    out: dict[str, Any] = {}
+    if probes is None or not probes.any():
+        return out
+    line, wake = _predicted(inst, profile)
+    for op in sorted(set(inst["op"][probes].tolist())):
+        sel = probes & (inst["op"] == op)
+        measured = float(np.median(inst["time_s"][sel]))
+        predicted = float(np.median(np.maximum(0.0, line[sel] + wake[sel])))
+        out[op] = {"num_instances": int(sel.sum()), "bytes": float(np.median(inst["bytes"][sel])),
+                   "measured_median_s": measured, "predicted_median_s": predicted,
+                   "shift_s": measured - predicted}
+    return out
+
+
+def thermometer_shifts(probes: dict[str, Any], scale: float = 1.0) -> dict[str, float]:
+    """Per op the shift of its line (CommProfile.lines_shifted) from :func:`thermometer`'s
+    output, times ``scale`` (the dilation: tables' units -> the profile's host seconds)."""
+    return {op: probes[probe]["shift_s"] * scale for probe, ops in THERMOMETER_OPS.items()
+            if probe in probes for op in ops}
+
+
 def collective_errors(inst: dict[str, np.ndarray], profile: CommProfile) -> dict[str, Any]:
     """Per op and size bucket, the error of the median (``profile`` in the tables' units).
     The prediction of an instance is the benchmark line plus, with a host profile, the
-    wake-up cost after the idle time before it (``idle_before_s``; HostOverhead.wake)."""
-    delay_s = inst.get("idle_before_s")
-    pred = np.array([profile.time_s(o, int(n), p, float(b)) for o, n, p, b in zip(
-        inst["op"].tolist(), inst["group_size"].tolist(), inst["placement"].tolist(),
-        inst["bytes"].tolist())])
-    if profile.host is not None and delay_s is not None:
-        p2p = inst["op"] == "send_recv"
-        sender_waited = inst.get("sender_waited", np.zeros(p2p.size, bool))
-        pred = np.maximum(0.0, pred + np.where(
-            p2p, profile.host.p2p_wake(delay_s, sender_waited), profile.host.wake(delay_s)))
+    wake-up cost after the idle time before it (``idle_before_s``; HostOverhead.wake).
+    Thermometer probes are left out (:func:`thermometer` reads them)."""
+    line, wake = _predicted(inst, profile)
+    pred = np.maximum(0.0, line + wake)
+    keep = ~inst.get("is_probe", np.zeros(pred.size, bool))
+    inst = {k: v[keep] for k, v in inst.items()}
+    pred = pred[keep]
     rows, worst = [], {"small": None, "large": None}
     large = inst["bytes"] >= LARGE_BYTES
     for op in sorted(set(inst["op"].tolist())):

@@ -22,7 +22,6 @@ from emulator.atomic import write_json_atomic
 from emulator.build import build_run
 from emulator.calibrate.host import PROBE_BYTES
 from emulator.config import RunConfig
-from emulator.cost import CostModel
 from emulator.cost.comm import CommProfile, HostOverhead
 from emulator.cost.profile_io import load_profile, save_profile
 from emulator.errors import ConfigError
@@ -32,7 +31,8 @@ from emulator.simulator.engine import CostModelExecutor, Simulation
 from emulator.simulator.run import RunTables, request_table, run_extra, simulate
 from emulator.validate.join import join_steps
 from emulator.validate.report import (collective_errors, collective_instances, drain_error,
-                                      noise_floor, request_errors, step_errors)
+                                      noise_floor, request_errors, step_errors, thermometer,
+                                      thermometer_shifts)
 
 TARGETS = {"step_time_median_error": 0.10, "drain_time_error": 0.10,
            "collective_median_error_large": 0.15}
@@ -50,7 +50,7 @@ def simulate_host(config: RunConfig, profile: CommProfile) -> RunTables:
     """The simulator's prediction of an emulation of ``config`` on the calibrated host."""
     setup = build_run(config)
     scaled = profile.scaled(1.0 / config.dilation)
-    setup.cost = CostModel(setup.model, setup.hardware, setup.layout, scaled)
+    setup.cost = setup.cost.with_profile(scaled)
     requests = setup.new_requests()
     sim = Simulation(requests, setup.new_schedulers(requests), setup.new_router(), setup.cost,
                      fast_forward=False)
@@ -92,8 +92,11 @@ def build_report(config: RunConfig, profile: CommProfile, emu: RunTables, sim: R
     report.update(drain_error(emu.requests, emu.steps, sim.requests, sim.steps))
     report.update(request_errors(emu.requests, sim.requests))
     scaled = profile.scaled(1.0 / config.dilation)
+    probes: dict[str, Any] = {}
     if emu.collectives is not None and emu.collectives.num_rows:
-        coll = collective_errors(collective_instances(emu.collectives, node_of_rank), scaled)
+        inst = collective_instances(emu.collectives, node_of_rank)
+        coll = collective_errors(inst, scaled)
+        probes = thermometer(inst, scaled)
     else:
         coll = {"collective_median_error_small": None, "collective_median_error_large": None,
                 "by_op": []}
@@ -101,11 +104,18 @@ def build_report(config: RunConfig, profile: CommProfile, emu: RunTables, sim: R
     report["collective_median_error_large"] = coll["collective_median_error_large"]
     report["steps_by_kind"] = steps["by_kind"]
     report["collectives"] = coll
+    report["thermometer"] = probes
     report["host_overheads"] = profile.host.model_dump() if profile.host is not None else None
     report["dilation"] = config.dilation
     report["profile"] = profile.name
     report["verdict"] = verdict(report)
     return report, joined
+
+
+AS_CALIBRATED_KEYS = ("step_time_median_error", "step_time_mape", "drain_time_error",
+                      "collective_median_error_small", "collective_median_error_large",
+                      "steps_by_kind", "collectives", "verdict", "profile")
+"""What a thermometer-priced report keeps of the as-calibrated one (``as_calibrated``)."""
 
 
 def verdict(report: dict[str, Any]) -> str:
@@ -144,8 +154,18 @@ def revalidate(outdir: Path, comm_profile: Path | None = None) -> dict[str, Any]
     return report_runs(config, host_profile(config), outdir, emu, run.summary.get("nodes"))
 
 
+def _simulate_and_report(config: RunConfig, profile: CommProfile, simdir: Path,
+                         emu: RunTables, nodes: list | None) -> tuple[dict[str, Any], dict]:
+    sim = simulate_host(config, profile)
+    RunWriter(simdir).finish(
+        requests=sim.requests, steps=sim.steps, mode="simulate", config=config,
+        extra={**sim.extra, "comm_profile_scale": 1.0 / config.dilation,
+               "comm_profile": profile.name})
+    return build_report(config, profile, emu, sim, nodes)
+
+
 def validate(config: RunConfig, outdir: Path, *, host_probe: bool = True,
-             on_progress=None) -> dict[str, Any]:
+             thermometer: bool = True, on_progress=None) -> dict[str, Any]:
     """Emulate and simulate ``config``, write both runs under ``outdir`` (emulate/,
     simulate/), ``validation.json`` and ``validation.png``; return the report.
 
@@ -155,14 +175,26 @@ def validate(config: RunConfig, outdir: Path, *, host_probe: bool = True,
     machine's load, which drifts between `calibrate` and `validate` and during the run (on
     the development VM a collective's median moved 2x over tens of seconds, in raw
     torch.distributed too). The report gives both probes and their drift. The collective
-    lines always come from the profile; the file is not modified."""
+    lines come from the profile; the file is not modified.
+
+    ``thermometer`` (with tp > 1 or pp > 1): every step of the emulation also runs one
+    back-to-back collective of the probe size (RunConfig.thermometer_bytes: an all-reduce
+    over TP, a second transfer between stages), which the simulator prices too. The host's
+    collective speed switches between levels for tens of seconds at a time on a shared VM
+    (benchmarks/bench_host_drift.py), so a profile measured at another time is off by as
+    much; the probes measure it during the run, apart from the collectives validated. The
+    report is then priced with the profile's lines shifted by what the probes measured
+    (``thermometer``, ``thermometer_shift_s``), and keeps the errors as calibrated
+    (``as_calibrated``)."""
     from emulator.calibrate.run import probe_host
     from emulator.runtime.executor import emulate
 
     profile = host_profile(config)
     outdir = Path(outdir)
     probes: list[HostOverhead] = []
-    num_bytes = probe_bytes(config) if host_probe else 0
+    num_bytes = probe_bytes(config) if host_probe or thermometer else 0
+    if thermometer and (config.tp > 1 or config.pp > 1):
+        config = config.model_copy(update={"thermometer_bytes": num_bytes})
 
     def probe() -> None:
         probes.append(probe_host(max(2, config.tp), profile, address=config.address,
@@ -203,13 +235,26 @@ def report_runs(config: RunConfig, profile: CommProfile, outdir: Path, emu: RunT
     the host probes around the emulation, when given) and the plot."""
     from emulator.validate.plot import plot_validation
 
-    sim = simulate_host(config, profile)
-    RunWriter(outdir / "simulate").finish(
-        requests=sim.requests, steps=sim.steps, mode="simulate", config=config,
-        extra={**sim.extra, "comm_profile_scale": 1.0 / config.dilation})
     while isinstance(nodes, dict):  # WorkerGroup.nodes_summary()
         nodes = nodes.get("rank_node_id") or nodes.get("rank_node_ip")
-    report, joined = build_report(config, profile, emu, sim, nodes)
+    report, joined = _simulate_and_report(config, profile, outdir / "simulate", emu, nodes)
+    shifts = thermometer_shifts(report["thermometer"], config.dilation)
+    if shifts:
+        # Re-price the lines with the speed the run's own probes measured (host overheads
+        # unchanged) and report that, keeping the as-calibrated errors beside it.
+        calibrated = report
+        profile = profile.lines_shifted(shifts, name=f"{profile.name} (lines shifted by "
+                                        "the run's thermometer)")
+        report, joined = _simulate_and_report(config, profile, outdir / "simulate-thermometer",
+                                              emu, nodes)
+        report["thermometer"] = calibrated["thermometer"]
+        report["thermometer_shift_s"] = shifts
+        report["as_calibrated"] = {k: calibrated[k] for k in AS_CALIBRATED_KEYS}
+        report["verdict"] = ("with the run's thermometer (calls "
+                             + ", ".join(f"{k} {v * 1e6:+.0f} us" for k, v in shifts.items()
+                                         if k in ("all_reduce", "send_recv"))
+                             + f"): {report['verdict']}; as calibrated: "
+                             + calibrated["verdict"].split(":")[0])
     if probes is not None:
         report["host_probes"] = probes
         report["verdict"] += f"; host drift {probes['drift'] * 100:+.1f}% between the probes"

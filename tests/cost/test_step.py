@@ -169,3 +169,24 @@ def test_decode_run_times_equals_step_loop(model_name, layout, hw, request):
 def test_layout_checked_against_model(tiny, hw):
     with pytest.raises(LayoutError, match="tp=3"):
         CostModel(tiny, hw, ParallelLayout(tp=3))
+
+
+def test_thermometer_probes_are_priced_in_every_stage(tiny, hw):
+    # validate's thermometer: one all-reduce of probe_bytes per stage over TP, and one
+    # transfer of probe_bytes after the activations between stages.
+    layout = ParallelLayout(tp=2, pp=2)
+    plain, probed = CostModel(tiny, hw, layout), CostModel(tiny, hw, layout, probe_bytes=4096)
+    w0, w1 = plain.step_work(DECODE4), probed.step_work(DECODE4)
+    assert [st.probe_bytes for st in w0.stages] == [0, 0]
+    assert [st.probe_bytes for st in w1.stages] == [4096, 4096]
+    c0, m0, p0 = plain.stage_times(w0)
+    c1, m1, p1 = probed.stage_times(w1)
+    ar = 2 * 1e-6 + 4096 * (2 * 1 / 2) / 1e10  # ring all-reduce of 2 ranks on scale-up
+    hop = 1e-5 + 4096 / 1e9  # 2 GPUs a node: the stages are on two nodes (scale-out)
+    assert c1 == pytest.approx(c0)
+    assert m1 - m0 == pytest.approx([ar, ar])
+    assert p1 - p0 == pytest.approx(hop)
+    assert probed.with_profile(probed.profile.scaled(2.0)).probe_bytes == 4096
+    # nothing to probe with a single rank
+    assert CostModel(tiny, hw, ParallelLayout(), probe_bytes=4096).step_work(
+        DECODE4).stages[0].probe_bytes == 0

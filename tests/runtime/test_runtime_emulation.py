@@ -213,3 +213,26 @@ def test_tp2_pp2_on_four_ranks(batch_trace, ray_local):
     op, rank = col["op"].to_numpy(zero_copy_only=False), col["rank"].to_numpy()
     assert set(rank[op == "send"].tolist()) == {0, 1}
     assert set(rank[op == "recv"].tolist()) == {2, 3}
+
+
+def test_thermometer_probes_run_in_every_step(batch_trace, ray_local):
+    # validate's thermometer: per step an all-reduce of the probe size over each stage's TP
+    # group right after its first all-reduce, and a second transfer after the activations.
+    setup = _setup(batch_trace, tp=2, pp=2, thermometer_bytes=4096)
+    with WorkerGroup(setup.layout, backend="gloo", timeout_s=5.0) as group:
+        _, tables = _run(setup, group)
+    sim = simulate(_setup(batch_trace, tp=2, pp=2, thermometer_bytes=4096))
+    assert _steps(tables.steps) == _steps(sim.steps)
+    col = tables.collectives
+    c = {k: col[k].to_numpy(zero_copy_only=False) for k in ("op", "rank", "layer", "bytes",
+                                                            "seq", "step")}
+    probe = c["layer"] == -2
+    num_steps = len(set(c["step"].tolist()))
+    assert (c["bytes"][probe] == 4096).all()
+    ar = probe & (c["op"] == "all_reduce")
+    assert sorted(c["rank"][ar].tolist()) == sorted([0, 1, 2, 3] * num_steps)
+    for op, ranks in (("send", {0, 1}), ("recv", {2, 3})):
+        sel = probe & (c["op"] == op)
+        assert set(c["rank"][sel].tolist()) == ranks and sel.sum() == 2 * num_steps
+        assert (c["seq"][sel] == 1).all()  # after the activations (seq 0)
+        assert (c["seq"][~probe & (c["op"] == op)] == 0).all()

@@ -1,0 +1,81 @@
+"""validate's thermometer: probe instances told apart from the validated collectives, the
+shift they measure, and profiles re-priced with it (exact arithmetic)."""
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from emulator.cost.comm import CommEntry, CommProfile, HostOverhead, LinePiece
+from emulator.metrics.records import CollectiveRecords
+from emulator.validate.report import (collective_errors, collective_instances, thermometer,
+                                      thermometer_shifts)
+
+
+def _collectives() -> pa.Table:
+    # TP: an all-reduce of 128 KiB (100 us), then the probe of 64 KiB back to back (80 us);
+    # PP: the activations (60 us), then the probe transfer (30 us).
+    rows = [  # rank, op, group, seq, layer, bytes, entry, exit
+        (0, "all_reduce", "tp", 0, 0, 131072, 0.0, 100e-6),
+        (1, "all_reduce", "tp", 0, 0, 131072, 0.0, 100e-6),
+        (0, "all_reduce", "tp", 1, -2, 65536, 100e-6, 180e-6),
+        (1, "all_reduce", "tp", 1, -2, 65536, 100e-6, 180e-6),
+        (0, "send", "pp", 0, -1, 4096, 300e-6, 360e-6),
+        (1, "recv", "pp", 0, -1, 4096, 300e-6, 360e-6),
+        (0, "send", "pp", 1, -2, 4096, 360e-6, 390e-6),
+        (1, "recv", "pp", 1, -2, 4096, 360e-6, 390e-6)]
+    names = ("rank", "op", "group", "seq", "layer", "bytes", "entry_s", "exit_s")
+    cols = {k: [r[i] for r in rows] for i, k in enumerate(names)}
+    n = len(rows)
+    rec = CollectiveRecords()
+    rec.extend({**{k: np.array(v, dtype=object if k in ("op", "group") else None)
+                   for k, v in cols.items()},
+                "replica": np.zeros(n, np.int64), "step": np.zeros(n, np.int64),
+                "stage": np.zeros(n, np.int64),
+                "axis": np.array(["tp"] * 4 + ["pp"] * 4, dtype=object)})
+    return rec.finalize()
+
+
+PROFILE = CommProfile(name="h", entries=[
+    CommEntry(op=o, group_size=2, placement="intra", alpha_s=a, beta_s_per_byte=0.0)
+    for o, a in (("all_reduce", 110e-6), ("all_gather", 60e-6), ("send_recv", 40e-6))])
+
+
+def test_probes_measure_a_shift_and_are_not_validated():
+    inst = collective_instances(_collectives())
+    assert sorted(inst["is_probe"].tolist()) == [False, False, True, True]
+    probes = thermometer(inst, PROFILE)
+    assert probes["all_reduce"]["shift_s"] == pytest.approx(-30e-6)  # 80 measured, 110 line
+    assert probes["send_recv"]["shift_s"] == pytest.approx(-10e-6)   # 30 measured, 40 line
+    assert probes["all_reduce"]["bytes"] == 65536 and probes["send_recv"]["num_instances"] == 1
+    errors = collective_errors(inst, PROFILE)
+    by = {(r["op"], r["bucket"]): (r["num_instances"], r["median_error"]) for r in errors["by_op"]}
+    assert by == {("all_reduce", "large"): (1, pytest.approx(0.1)),     # 110 vs 100
+                  ("send_recv", "small"): (1, pytest.approx(-1 / 3))}  # 40 vs 60
+    # Shifts in the profile's units (x dilation); the all-reduce probe stands for every
+    # group collective, the transfer probe for transfers.
+    assert thermometer_shifts(probes, 2.0) == pytest.approx(
+        {"all_reduce": -60e-6, "all_gather": -60e-6, "all_to_all": -60e-6,
+         "send_recv": -20e-6})
+    assert thermometer({**inst, "is_probe": np.zeros(4, bool)}, PROFILE) == {}
+
+
+def test_lines_shifted_moves_every_call_of_the_named_ops_only():
+    host = HostOverhead(num_ranks=2, step_gap_s=1e-3, step_fixed_s=0.0, delay_grid_s=[0.0],
+                        delay_excess_s=[0.0], collective_excess_s=[0.0], wake_s=[0.0])
+    piece = CommEntry(op="all_reduce", group_size=4, placement="intra", alpha_s=10e-6,
+                      beta_s_per_byte=1e-9, pieces=[LinePiece(from_bytes=1000, alpha_s=20e-6,
+                                                               slope_s_per_byte=2e-9)])
+    prof = CommProfile(name="h", entries=[*PROFILE.entries, piece], host=host)
+    shifted = prof.lines_shifted({"all_reduce": -30e-6, "send_recv": -50e-6}, name="x")
+    assert shifted.name == "x" and shifted.host == host
+    assert shifted.time_s("all_reduce", 2, "intra", 8) == pytest.approx(80e-6)
+    assert shifted.time_s("send_recv", 2, "intra", 8) == 0.0  # clipped at 0
+    assert shifted.time_s("all_gather", 2, "intra", 8) == pytest.approx(60e-6)
+    assert shifted.time_s("all_reduce", 4, "intra", 500) == pytest.approx(0.5e-6)  # 10-30 -> 0
+    assert shifted.time_s("all_reduce", 4, "intra", 2000) == pytest.approx(4e-6)  # 20-30 -> 0
+    up = prof.lines_shifted({"all_reduce": 5e-6})
+    assert up.time_s("all_reduce", 4, "intra", 2000) == pytest.approx(25e-6 + 4e-6)
+    # re-priced with the probes' shift, the all-reduce is predicted at 80 us: -20%
+    errors = collective_errors(collective_instances(_collectives()),
+                               PROFILE.lines_shifted({"all_reduce": -30e-6}))
+    assert errors["collective_median_error_large"] == pytest.approx(-0.2)
