@@ -106,6 +106,10 @@ class CommEntry(BaseModel):
         "piece's size on, its own alpha and slope apply (alpha_s/beta/gamma price the sizes "
         "below the first). A calibrated profile carries its measured per-size medians this way "
         "(calibrate.fit.measured_pieces): the library switches algorithm with the size.")
+    shift_s: float = Field(
+        default=0.0, description="Added to every call, seconds, may be negative (a call never "
+        "costs less than 0): `validate` re-prices a run with the speed its thermometer "
+        "probes measured (0 in calibrated and spec profiles).")
 
     _starts: list[float] = PrivateAttr(default_factory=list)
 
@@ -117,24 +121,24 @@ class CommEntry(BaseModel):
         k = bisect_right(self._starts, num_bytes)
         if k:
             piece = self.pieces[k - 1]
-            return piece.alpha_s + num_bytes * piece.slope_s_per_byte
-        return self.alpha_s + num_bytes * (self.beta_s_per_byte + self.gamma_s_per_byte)
+            t = piece.alpha_s + num_bytes * piece.slope_s_per_byte
+        else:
+            t = self.alpha_s + num_bytes * (self.beta_s_per_byte + self.gamma_s_per_byte)
+        return t if not self.shift_s else max(0.0, t + self.shift_s)
 
     def scaled(self, factor: float) -> CommEntry:
         """Every time multiplied by ``factor`` (sizes unchanged)."""
         return self.model_copy(update={
             "alpha_s": self.alpha_s * factor, "beta_s_per_byte": self.beta_s_per_byte * factor,
             "gamma_s_per_byte": self.gamma_s_per_byte * factor,
+            "shift_s": self.shift_s * factor,
             "pieces": [p.model_copy(update={"alpha_s": p.alpha_s * factor,
                                             "slope_s_per_byte": p.slope_s_per_byte * factor})
                        for p in self.pieces]})
 
     def shifted(self, shift_s: float) -> CommEntry:
-        """Every call ``shift_s`` seconds longer (alphas shifted, clipped at 0)."""
-        return self.model_copy(update={
-            "alpha_s": max(0.0, self.alpha_s + shift_s),
-            "pieces": [p.model_copy(update={"alpha_s": max(0.0, p.alpha_s + shift_s)})
-                       for p in self.pieces]})
+        """Every call ``shift_s`` seconds longer (shorter when negative, never below 0)."""
+        return self.model_copy(update={"shift_s": self.shift_s + shift_s})
 
     @model_validator(mode="after")
     def _send_recv_pairs(self) -> CommEntry:

@@ -62,19 +62,21 @@ def test_probes_measure_a_shift_and_are_not_validated():
 def test_lines_shifted_moves_every_call_of_the_named_ops_only():
     host = HostOverhead(num_ranks=2, step_gap_s=1e-3, step_fixed_s=0.0, delay_grid_s=[0.0],
                         delay_excess_s=[0.0], collective_excess_s=[0.0], wake_s=[0.0])
+    # a steep measured segment: its line's intercept is negative, its times are not
     piece = CommEntry(op="all_reduce", group_size=4, placement="intra", alpha_s=10e-6,
-                      beta_s_per_byte=1e-9, pieces=[LinePiece(from_bytes=1000, alpha_s=20e-6,
-                                                               slope_s_per_byte=2e-9)])
+                      beta_s_per_byte=1e-9, pieces=[LinePiece(from_bytes=1000, alpha_s=-50e-6,
+                                                               slope_s_per_byte=1e-7)])
     prof = CommProfile(name="h", entries=[*PROFILE.entries, piece], host=host)
     shifted = prof.lines_shifted({"all_reduce": -30e-6, "send_recv": -50e-6}, name="x")
     assert shifted.name == "x" and shifted.host == host
     assert shifted.time_s("all_reduce", 2, "intra", 8) == pytest.approx(80e-6)
     assert shifted.time_s("send_recv", 2, "intra", 8) == 0.0  # clipped at 0
     assert shifted.time_s("all_gather", 2, "intra", 8) == pytest.approx(60e-6)
-    assert shifted.time_s("all_reduce", 4, "intra", 500) == pytest.approx(0.5e-6)  # 10-30 -> 0
-    assert shifted.time_s("all_reduce", 4, "intra", 2000) == pytest.approx(4e-6)  # 20-30 -> 0
-    up = prof.lines_shifted({"all_reduce": 5e-6})
-    assert up.time_s("all_reduce", 4, "intra", 2000) == pytest.approx(25e-6 + 4e-6)
+    assert shifted.time_s("all_reduce", 4, "intra", 500) == 0.0  # 10.5 - 30 us
+    assert shifted.time_s("all_reduce", 4, "intra", 2000) == pytest.approx(120e-6)  # 150 - 30
+    up = prof.lines_shifted({"all_reduce": 5e-6}).scaled(2.0)  # shifts scale with the units
+    assert up.time_s("all_reduce", 4, "intra", 2000) == pytest.approx(2 * 155e-6)
+    assert up.time_s("all_reduce", 4, "intra", 0) == 0.0  # 0 bytes costs nothing
     # re-priced with the probes' shift, the all-reduce is predicted at 80 us: -20%
     errors = collective_errors(collective_instances(_collectives()),
                                PROFILE.lines_shifted({"all_reduce": -30e-6}))
