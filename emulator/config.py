@@ -60,7 +60,7 @@ class RunConfig(BaseModel):
     rank_priority: Literal["auto", "realtime", "normal"] = Field(
         "auto", description="CPU priority of the ranks' threads: realtime (SCHED_FIFO 1: a rank that wakes preempts the driver and Ray's daemons at once, instead of waiting up to a time slice; needs slept delays and root or an rtprio limit), normal, or auto (realtime on the gloo backend when delays are slept and it is permitted).")
 
-    thermometer_bytes: int = Field(0, ge=0, description="Thermometer probes (set by `validate`): in every step a back-to-back all-reduce of this many bytes after each stage's first TP all-reduce (tp > 1) and a second transfer of this size after the activations between stages (pp > 1), measuring the host's collective speed during the run; the simulator prices them too. 0 = none.")
+    thermometer_bytes: int = Field(0, ge=0, description="Thermometer probes (set by `validate`): in every step a back-to-back all-reduce of this many bytes after each stage's first TP all-reduce (tp > 1 only), measuring the host's collective speed during the run; the simulator prices it too. 0 = none.")
     pin_ranks: Literal["auto", "on", "off"] = Field(
         "auto", description="Pin each rank's threads to a CPU of its own (round robin over a node's CPUs): on, off, or auto (on with the gloo backend when a node has a CPU for every rank). Ranks left to float move between CPUs at their wake-ups, which makes a collective's time switch between two levels every few seconds.")
 

@@ -163,9 +163,9 @@ def calibrate(output, from_bench, no_host_probe, name, line_only, **kw):
               help="Re-measure the host overheads just before emulating (they follow the "
               "machine's load); the collective lines always come from --comm-profile.")
 @click.option("--thermometer/--no-thermometer", default=True, show_default=True,
-              help="Add one back-to-back probe collective per step (TP all-reduce, PP "
-              "transfer) and price the run with the collective speed they measured; the "
-              "as-calibrated errors are reported beside.")
+              help="With TP: add one back-to-back probe all-reduce per stage and step and "
+              "price the group collectives with the speed they measured; the as-calibrated "
+              "errors are reported beside.")
 @click.option("--reuse-emulation", is_flag=True,
               help="Keep OUTDIR/emulate (do not re-run it); re-simulate and re-report, with "
               "--comm-profile if given (e.g. after re-calibrating).")

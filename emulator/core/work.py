@@ -45,10 +45,9 @@ class StageWork:
     """Bytes of the activations sent to the next stage (num_tokens x hidden x dtype bytes);
     0 on the last stage."""
     probe_bytes: int = 0
-    """Thermometer probes (``emulator validate``; 0 = none): with tp > 1 an all-reduce of
-    this many bytes over TP right after the first layer's first all-reduce, and with pp > 1 a
-    second transfer of this size right after the activations between stages. Both follow
-    another op back to back, so they measure the host's collective speed during the run."""
+    """Thermometer probe (``emulator validate``; 0 = none; tp > 1 only): an all-reduce of
+    this many bytes over TP right after the first layer's first all-reduce, back to back, so
+    it measures the host's collective speed during the run."""
     # --- expert parallelism (MoE layers with ep > 1); defaults mean "no EP" -------------
     ep_layers: np.ndarray | None = None
     """bool [L] or None: layers that dispatch their tokens to experts with an all-to-all

@@ -89,7 +89,7 @@ class CostModel:
         self._args = dict(efficiency=efficiency, routing=routing,
                           dispatch_dtype_bytes=dispatch_dtype_bytes, probe_bytes=probe_bytes)
         self.probe_bytes = int(probe_bytes)
-        """Thermometer probes in every stage (StageWork.probe_bytes); 0 = none."""
+        """Thermometer probe in every stage with tp > 1 (StageWork.probe_bytes); 0 = none."""
         self.model, self.hardware, self.layout = model, hardware, layout
         self.tp, self.pp, self.ep = layout.tp, layout.pp, layout.ep
         self.profile = profile or CommProfile.from_hardware(
@@ -238,7 +238,7 @@ class CostModel:
                 logits_gather_bytes=(num_samples * (self.model.vocab_size // self.tp)
                                      * self.model.dtype_bytes if last and self.tp > 1 else 0),
                 pp_send_bytes=0 if last else act,
-                probe_bytes=self.probe_bytes if self.tp > 1 or self.pp > 1 else 0,
+                probe_bytes=self.probe_bytes if self.tp > 1 else 0,
                 **ep_fields))
         return StepWork(stages=stages, num_tokens=num_tokens, num_sampled_tokens=num_samples)
 
@@ -339,7 +339,7 @@ class CostModel:
         comm_s per stage: 2 TP all-reduces per layer, the embedding all-reduce, the logits
         all-gather, (MoE, ep > 1) a dispatch and a combine all-to-all per MoE layer, and the
         thermometer probe's all-reduce (``probe_bytes``). p2p_s: one stage-to-stage
-        activation transfer, and the probe's after it (the slowest boundary); 0 when pp == 1.
+        activation transfer (the slowest boundary); 0 when pp == 1.
         """
         lines = self._lines(replica)
         ar, ag, a2a = lines["ar"], lines["ag"], lines["a2a"]
@@ -363,9 +363,7 @@ class CostModel:
                 t += ar[p].time_s(st.probe_bytes)
             comm[p] = t
         send = work.stages[0].pp_send_bytes if self.pp > 1 else 0
-        probe = work.stages[0].probe_bytes if self.pp > 1 else 0
-        p2p = max((h.time_s(send) + (h.time_s(probe) if probe else 0.0)
-                   for h in lines["hops"]), default=0.0)
+        p2p = max((h.time_s(send) for h in lines["hops"]), default=0.0)
         return compute, comm, float(p2p)
 
     # --- steady decode fast-forward ---------------------------------------------------------

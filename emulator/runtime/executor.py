@@ -300,7 +300,7 @@ class Emulation:
             send, recv = ops == "send", ops == "recv"
             groups[send] = f"pp/dp{r}/tp{tp_index}/{stage}>{stage + 1}"
             groups[recv] = f"pp/dp{r}/tp{tp_index}/{stage - 1}>{stage}"
-            # the activations, then (validate's thermometer) a probe transfer
+            # numbered per direction, as the group ops: the k-th transfer of the step
             seq[send] = np.arange(int(send.sum()))
             seq[recv] = np.arange(int(recv.sum()))
             cols["rank"].append(np.full(c, x.rank))

@@ -235,10 +235,10 @@ class TimedCollectives:
                                                  group=self._groups[axis]))
         return int(inp.shape[0]), int(out.shape[0])
 
-    def send(self, dst: int, num_bytes: int, layer: int = -1) -> None:
+    def send(self, dst: int, num_bytes: int) -> None:
         buf = self.buffer("act", num_bytes)
-        self._run("send", "pp", layer, dst, num_bytes, lambda: dist.send(buf, dst=dst))
+        self._run("send", "pp", -1, dst, num_bytes, lambda: dist.send(buf, dst=dst))
 
-    def recv(self, src: int, num_bytes: int, layer: int = -1) -> None:
+    def recv(self, src: int, num_bytes: int) -> None:
         buf = self.buffer("act", num_bytes)
-        self._run("recv", "pp", layer, src, num_bytes, lambda: dist.recv(buf, src=src))
+        self._run("recv", "pp", -1, src, num_bytes, lambda: dist.recv(buf, src=src))

@@ -20,8 +20,7 @@ One step on one rank (``run_step``), with ``d = dilation``:
              this rank's own expert time for the pairs it received; all_to_all combine
              (splits transposed). Imbalance thus becomes real waiting in the combine.
   last:      sleep post_compute_s*d; all-gather logits_gather_bytes per rank over TP
-  otherwise: send pp_send_bytes of activations to the next stage [and probe_bytes after it,
-             received right after the activations]
+  otherwise: send pp_send_bytes of activations to the next stage
 KV rows are written once per step, after the first layer's attention (one index_fill over
 all of the step's slots): a pool row stands for one token's KV in *all* of this stage's
 layers, so one write per step touches exactly the rows a real engine would fill.
@@ -248,7 +247,7 @@ class Worker:
             raise ValueError(f"rank {self.rank}: {len(slot_ids)} slot ids for "
                              f"{num_tokens} tokens; one KV slot per computed token")
         if len(topo.tp_ranks) == 1 and (work.tp_allreduce_bytes or work.embed_allreduce_bytes
-                                        or work.logits_gather_bytes):
+                                        or work.logits_gather_bytes or work.probe_bytes):
             raise ValueError(f"rank {self.rank}: StageWork has TP collective bytes but tp=1")
         if topo.prev_stage_rank is not None and recv_bytes <= 0:
             raise ValueError(f"rank {self.rank} (stage {topo.stage}) needs recv_bytes > 0: "
@@ -292,11 +291,8 @@ class Worker:
         start_s = self._now()
         try:
             self._check_step(work, slot_ids, num_tokens, recv_bytes)
-            probe = work.probe_bytes
             if topo.prev_stage_rank is not None:
                 coll.recv(topo.prev_stage_rank, recv_bytes)
-                if probe:
-                    coll.recv(topo.prev_stage_rank, probe, PROBE_LAYER)
             if topo.stage == 0:
                 self._compute(pre, NO_LAYER, work.pre_compute_s * dilation)
                 if work.embed_allreduce_bytes:
@@ -307,8 +303,8 @@ class Worker:
                     self._write_kv(slot_ids)
                 if work.tp_allreduce_bytes:
                     coll.all_reduce("tp", work.tp_allreduce_bytes, layer)
-                    if i == 0 and probe:
-                        coll.all_reduce("tp", probe, PROBE_LAYER)
+                    if i == 0 and work.probe_bytes:
+                        coll.all_reduce("tp", work.probe_bytes, PROBE_LAYER)
                 if work.ep_layers is not None and work.ep_layers[i]:
                     self._expert_layer(step_key, work, i, layer, num_tokens, dilation)
                 else:
@@ -322,8 +318,6 @@ class Worker:
                                     len(topo.tp_ranks))
             if topo.next_stage_rank is not None:
                 coll.send(topo.next_stage_rank, work.pp_send_bytes)
-                if probe:
-                    coll.send(topo.next_stage_rank, probe, PROBE_LAYER)
         except BaseException as exc:
             coll.fail_step(exc)
             raise

@@ -163,8 +163,7 @@ class CostModelExecutor:
                 over[p] += float(h.collective_excess(0.0))
                 num_group += 1
             over[p] += num_group * h.collective_call_s
-            transfers = (p > 0) + (p < pp - 1)
-            num_rows += tp * (num_group + transfers * (2 if st.probe_bytes else 1))
+            num_rows += tp * (num_group + (p > 0) + (p < pp - 1))
         return h.step_gap_s + num_rows * h.step_gap_s_per_collective, over
 
     def execute(self, plan: BatchPlan, start_s: float,
@@ -201,8 +200,6 @@ class CostModelExecutor:
                 sender_waited = free[s + 1] > done
                 xfer = max(0.0, xfer + float(self.host.p2p_wake(
                     meet - min(done, free[s + 1]), sender_waited)))
-                if self.cost.probe_bytes:  # the thermometer's transfer, back to back
-                    xfer = max(0.0, xfer + float(self.host.p2p_wake(0.0)))
             stage_end[s] = begin = meet + xfer
         by_axis = {"tp": float(comm.sum())} if self.cost.tp > 1 else {}
         if pp > 1:

@@ -19,8 +19,12 @@ high), so bias shows; headlines and the verdict use magnitudes.
   since the rank left its previous op (the compute delay it ran), for a pipeline transfer
   the time its first side waited in the op (the receiver in its recv, or the sender in its
   send until the receiver posted the recv: HostOverhead.p2p_wake with sender_waited).
-  Those are the measured *context* of the transfer, not its outcome; the step-level errors use no measured input at all. The headline per bucket is the
-  largest magnitude over ops; the mean straggler wait is reported beside.
+  Those are the measured *context* of the transfer, not its outcome; the step-level errors
+  use no measured input at all. The headline per bucket is the largest magnitude over ops;
+  the mean straggler wait is reported beside.
+- Thermometer: probe instances (layer -2, StageWork.probe_bytes) are not validated; their
+  median against its prediction gives the shift per call that `validate` re-prices the
+  group collectives with (:func:`thermometer`).
 - Requests: TTFT, TPOT and E2E at p50 and p90; the drain time (last finish - first arrival).
 """
 
@@ -167,9 +171,8 @@ def _predicted(inst: dict[str, np.ndarray], profile: CommProfile
                           profile.host.wake(delay_s))
 
 
-THERMOMETER_OPS = {"all_reduce": ("all_reduce", "all_gather", "all_to_all"),
-                   "send_recv": ("send_recv",)}
-"""Probe op -> the ops whose lines its measured speed re-prices."""
+THERMOMETER_OPS = {"all_reduce": ("all_reduce", "all_gather", "all_to_all")}
+"""Probe op -> the ops whose lines its measured speed re-prices (the group collectives)."""
 
 
 def thermometer(inst: dict[str, np.ndarray], profile: CommProfile) -> dict[str, Any]:

@@ -177,15 +177,16 @@ def validate(config: RunConfig, outdir: Path, *, host_probe: bool = True,
     torch.distributed too). The report gives both probes and their drift. The collective
     lines come from the profile; the file is not modified.
 
-    ``thermometer`` (with tp > 1 or pp > 1): every step of the emulation also runs one
-    back-to-back collective of the probe size (RunConfig.thermometer_bytes: an all-reduce
-    over TP, a second transfer between stages), which the simulator prices too. The host's
-    collective speed switches between levels for tens of seconds at a time on a shared VM
-    (benchmarks/bench_host_drift.py), so a profile measured at another time is off by as
-    much; the probes measure it during the run, apart from the collectives validated. The
-    report is then priced with the profile's lines shifted by what the probes measured
+    ``thermometer`` (with tp > 1): every stage of every step of the emulation also runs one
+    all-reduce of the probe size over TP right after its first one (RunConfig.
+    thermometer_bytes), which the simulator prices too. The host's collective speed switches
+    between levels for tens of seconds at a time on a shared VM (benchmarks/
+    bench_host_drift.py), so a profile measured at another time is off by as much; the probes
+    measure it during the run, apart from the collectives validated. The report is then
+    priced with the group collectives' lines shifted by what the probes measured
     (``thermometer``, ``thermometer_shift_s``), and keeps the errors as calibrated
-    (``as_calibrated``)."""
+    (``as_calibrated``). Pipeline transfers get no probe: a back-to-back transfer did not
+    track transfers after a stage's idle wait (docs/results-validation.md, repeat 7)."""
     from emulator.calibrate.run import probe_host
     from emulator.runtime.executor import emulate
 
@@ -193,7 +194,7 @@ def validate(config: RunConfig, outdir: Path, *, host_probe: bool = True,
     outdir = Path(outdir)
     probes: list[HostOverhead] = []
     num_bytes = probe_bytes(config) if host_probe or thermometer else 0
-    if thermometer and (config.tp > 1 or config.pp > 1):
+    if thermometer and config.tp > 1:
         config = config.model_copy(update={"thermometer_bytes": num_bytes})
 
     def probe() -> None:
@@ -250,10 +251,9 @@ def report_runs(config: RunConfig, profile: CommProfile, outdir: Path, emu: RunT
         report["thermometer"] = calibrated["thermometer"]
         report["thermometer_shift_s"] = shifts
         report["as_calibrated"] = {k: calibrated[k] for k in AS_CALIBRATED_KEYS}
-        report["verdict"] = ("with the run's thermometer (calls "
-                             + ", ".join(f"{k} {v * 1e6:+.0f} us" for k, v in shifts.items()
-                                         if k in ("all_reduce", "send_recv"))
-                             + f"): {report['verdict']}; as calibrated: "
+        report["verdict"] = (f"with the run's thermometer (group collectives "
+                             f"{shifts['all_reduce'] * 1e6:+.0f} us a call): "
+                             f"{report['verdict']}; as calibrated: "
                              + calibrated["verdict"].split(":")[0])
     if probes is not None:
         report["host_probes"] = probes

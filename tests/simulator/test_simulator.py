@@ -130,7 +130,7 @@ def test_pipeline_with_ample_kv_keeps_every_micro_batch_in_flight(tmp_path):
 def _two_stage_executor(host=None):
     """An executor whose cost model prices every plan at compute [1, 2] + comm [0.1, 0.2]
     per stage and a 0.5 s stage-to-stage transfer."""
-    cost = SimpleNamespace(tp=1, ep=1, probe_bytes=0, step_work=lambda plan, prompt_tokens: None,
+    cost = SimpleNamespace(tp=1, ep=1, step_work=lambda plan, prompt_tokens: None,
                            stage_times=lambda work, replica: (np.array([1.0, 2.0]),
                                                               np.array([0.1, 0.2]), 0.5))
     req = SimpleNamespace(prompt_tokens=np.array([10]), num_output_tokens=np.array([0]))

@@ -13,16 +13,14 @@ from emulator.validate.report import (collective_errors, collective_instances, t
 
 def _collectives() -> pa.Table:
     # TP: an all-reduce of 128 KiB (100 us), then the probe of 64 KiB back to back (80 us);
-    # PP: the activations (60 us), then the probe transfer (30 us).
+    # PP: the activations (60 us); the executor numbers transfers per direction (seq).
     rows = [  # rank, op, group, seq, layer, bytes, entry, exit
         (0, "all_reduce", "tp", 0, 0, 131072, 0.0, 100e-6),
         (1, "all_reduce", "tp", 0, 0, 131072, 0.0, 100e-6),
         (0, "all_reduce", "tp", 1, -2, 65536, 100e-6, 180e-6),
         (1, "all_reduce", "tp", 1, -2, 65536, 100e-6, 180e-6),
         (0, "send", "pp", 0, -1, 4096, 300e-6, 360e-6),
-        (1, "recv", "pp", 0, -1, 4096, 300e-6, 360e-6),
-        (0, "send", "pp", 1, -2, 4096, 360e-6, 390e-6),
-        (1, "recv", "pp", 1, -2, 4096, 360e-6, 390e-6)]
+        (1, "recv", "pp", 0, -1, 4096, 300e-6, 360e-6)]
     names = ("rank", "op", "group", "seq", "layer", "bytes", "entry_s", "exit_s")
     cols = {k: [r[i] for r in rows] for i, k in enumerate(names)}
     n = len(rows)
@@ -31,7 +29,7 @@ def _collectives() -> pa.Table:
                    for k, v in cols.items()},
                 "replica": np.zeros(n, np.int64), "step": np.zeros(n, np.int64),
                 "stage": np.zeros(n, np.int64),
-                "axis": np.array(["tp"] * 4 + ["pp"] * 4, dtype=object)})
+                "axis": np.array(["tp"] * 4 + ["pp"] * 2, dtype=object)})
     return rec.finalize()
 
 
@@ -42,21 +40,20 @@ PROFILE = CommProfile(name="h", entries=[
 
 def test_probes_measure_a_shift_and_are_not_validated():
     inst = collective_instances(_collectives())
-    assert sorted(inst["is_probe"].tolist()) == [False, False, True, True]
+    assert sorted(inst["is_probe"].tolist()) == [False, False, True]
     probes = thermometer(inst, PROFILE)
+    assert list(probes) == ["all_reduce"]
     assert probes["all_reduce"]["shift_s"] == pytest.approx(-30e-6)  # 80 measured, 110 line
-    assert probes["send_recv"]["shift_s"] == pytest.approx(-10e-6)   # 30 measured, 40 line
-    assert probes["all_reduce"]["bytes"] == 65536 and probes["send_recv"]["num_instances"] == 1
+    assert probes["all_reduce"]["bytes"] == 65536 and probes["all_reduce"]["num_instances"] == 1
     errors = collective_errors(inst, PROFILE)
     by = {(r["op"], r["bucket"]): (r["num_instances"], r["median_error"]) for r in errors["by_op"]}
     assert by == {("all_reduce", "large"): (1, pytest.approx(0.1)),     # 110 vs 100
                   ("send_recv", "small"): (1, pytest.approx(-1 / 3))}  # 40 vs 60
     # Shifts in the profile's units (x dilation); the all-reduce probe stands for every
-    # group collective, the transfer probe for transfers.
+    # group collective (transfers keep their line).
     assert thermometer_shifts(probes, 2.0) == pytest.approx(
-        {"all_reduce": -60e-6, "all_gather": -60e-6, "all_to_all": -60e-6,
-         "send_recv": -20e-6})
-    assert thermometer({**inst, "is_probe": np.zeros(4, bool)}, PROFILE) == {}
+        {"all_reduce": -60e-6, "all_gather": -60e-6, "all_to_all": -60e-6})
+    assert thermometer({**inst, "is_probe": np.zeros(3, bool)}, PROFILE) == {}
 
 
 def test_lines_shifted_moves_every_call_of_the_named_ops_only():
