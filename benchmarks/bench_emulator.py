@@ -34,16 +34,20 @@ import numpy as np
 
 
 def raw_allreduce_median_s(num_bytes: int, world: int, iters: int, delay_s: float = 0.0,
-                           spin_s: float = 0.0, realtime: bool = False) -> float:
+                           spin_s: float = 0.0, realtime: bool = False,
+                           cpus: list | None = None) -> float:
     """Median seconds of a gloo all-reduce of num_bytes among `world` bare processes, each
     call preceded by a delay of delay_s (waited like a worker waits: spin_s spun; with
-    ``realtime`` the processes run at the ranks' real-time priority)."""
+    ``realtime`` the processes run at the ranks' real-time priority; ``cpus``: per rank the
+    CPU slot it is pinned to, as the workers were, or None)."""
     import torch.multiprocessing as mp
 
     ctx = mp.get_context("spawn")
     queue = ctx.SimpleQueue()
     port = 29000 + os.getpid() % 1000
-    procs = [ctx.Process(target=_raw_worker, args=(r, world, port, num_bytes, iters, delay_s, spin_s, realtime, queue))
+    cpus = cpus or [None] * world
+    procs = [ctx.Process(target=_raw_worker, args=(r, world, port, num_bytes, iters, delay_s,
+                                                   spin_s, realtime, cpus[r], queue))
              for r in range(world)]
     for p in procs:
         p.start()
@@ -53,16 +57,18 @@ def raw_allreduce_median_s(num_bytes: int, world: int, iters: int, delay_s: floa
     return statistics.median(t for rank_times in results for t in rank_times)
 
 
-def _raw_worker(rank, world, port, num_bytes, iters, delay_s, spin_s, realtime, queue):
+def _raw_worker(rank, world, port, num_bytes, iters, delay_s, spin_s, realtime, cpu_slot,
+                queue):
     import torch
     import torch.distributed as dist
 
-    from emulator.runtime.awake import set_realtime
+    from emulator.runtime.awake import pin_threads, set_realtime
     from emulator.runtime.delay import precise_sleep
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), GLOO_SOCKET_IFNAME="lo")
     dist.init_process_group("gloo", rank=rank, world_size=world)
     set_realtime(realtime)
+    pin_threads(cpu_slot)
     buf = torch.zeros(num_bytes // 2, dtype=torch.bfloat16)  # as the workers do
     for _ in range(10):
         dist.all_reduce(buf)
@@ -117,6 +123,9 @@ def main() -> None:
     ap.add_argument("--rank-priority", default="auto", choices=["auto", "realtime", "normal"],
                     help="CPU priority of the ranks, in the emulation and (as the emulation "
                     "ran) in the raw references")
+    ap.add_argument("--pin-ranks", default="auto", choices=["auto", "on", "off"],
+                    help="a CPU per rank, in the emulation and (as the emulation ran) in the "
+                    "raw references")
     args = ap.parse_args()
 
     from rich.console import Console
@@ -138,7 +147,7 @@ def main() -> None:
     cfg = build_config(trace=trace_path, model=args.model, hardware=args.hardware, tp=args.tp,
                        dilation=args.dilation, memory_scale=1e-3, timeout_s=60,
                        delay_mode=args.delay_mode, keep_awake=args.keep_awake,
-                       rank_priority=args.rank_priority)
+                       rank_priority=args.rank_priority, pin_ranks=args.pin_ranks)
     setup = build_run(cfg, record_slots=True)
     with start_ray(None):
         rtt_s = bare_round_trip_s()
@@ -167,15 +176,18 @@ def main() -> None:
     awake = emu.host_mode[0]["spinners"] > 0
     spin_s, realtime = emu.host_mode[0]["spin_s"], emu.host_mode[0]["realtime"]
     spin_s = float("inf") if spin_s is None else spin_s  # None: delays spun whole
+    from emulator.runtime.awake import node_cpus
+    slots = [None if m.get("cpu") is None else node_cpus().index(m["cpu"])
+             for m in emu.host_mode]
     decode = steps["num_prefill_tokens"].to_numpy() == 0
     per_op_delay_s = float(np.median(steps["compute_s"].to_numpy()[decode])) * d \
         / (2 * setup.model.num_layers / setup.layout.pp)
     spinners = IdleSpinners()
     spinners.start(cpus_available() if awake else 0)
     try:
-        raw_s = raw_allreduce_median_s(size, args.tp, iters, realtime=realtime)
+        raw_s = raw_allreduce_median_s(size, args.tp, iters, realtime=realtime, cpus=slots)
         raw_delayed_s = raw_allreduce_median_s(size, args.tp, iters, per_op_delay_s, spin_s,
-                                               realtime)
+                                               realtime, slots)
     finally:
         spinners.stop()
 
@@ -206,7 +218,8 @@ def main() -> None:
     Console().print(t)
     print(f"delay mode {args.delay_mode} (spun tail {spin_s:g} s), keep-awake "
           f"{args.keep_awake} ({spinners_note(awake)}); rank priority {args.rank_priority} "
-          f"({'realtime' if realtime else 'normal'}); "
+          f"({'realtime' if realtime else 'normal'}); pin ranks {args.pin_ranks} "
+          f"(CPUs {[m.get('cpu') for m in emu.host_mode]}); "
           f"load average: {os.getloadavg()}")
 
 

@@ -71,6 +71,12 @@ _CPUS = _affinity()
 """The CPUs this process could run on when it started (before any :func:`pin_threads`)."""
 
 
+def node_cpus() -> list[int]:
+    """The ids of the CPUs this process could run on when it started; a rank pinned to
+    CPU slot k runs on ``node_cpus()[k]``."""
+    return list(_CPUS)
+
+
 def cpus_available() -> int:
     """CPUs this process may run on (its affinity mask when it started, not the machine's
     count; a pinned rank still reports the node's)."""
