@@ -251,10 +251,10 @@ def report_runs(config: RunConfig, profile: CommProfile, outdir: Path, emu: RunT
         report["thermometer"] = calibrated["thermometer"]
         report["thermometer_shift_s"] = shifts
         report["as_calibrated"] = {k: calibrated[k] for k in AS_CALIBRATED_KEYS}
-        report["verdict"] = (f"with the run's thermometer (group collectives "
-                             f"{shifts['all_reduce'] * 1e6:+.0f} us a call): "
-                             f"{report['verdict']}; as calibrated: "
-                             + calibrated["verdict"].split(":")[0])
+        head, rest = report["verdict"].split(": ", 1)
+        report["verdict"] = (f"{head} with the run's thermometer (group collectives "
+                             f"{shifts['all_reduce'] * 1e6:+.0f} us a call): {rest}; as "
+                             "calibrated: " + calibrated["verdict"].split(": ", 1)[0])
     if probes is not None:
         report["host_probes"] = probes
         report["verdict"] += f"; host drift {probes['drift'] * 100:+.1f}% between the probes"

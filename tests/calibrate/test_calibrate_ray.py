@@ -14,7 +14,7 @@ from emulator.config import build_config
 from emulator.cost.profile_io import load_profile
 from emulator.trace.io import write_trace
 from emulator.trace.synth import synth_trace
-from emulator.validate.run import validate
+from emulator.validate.run import probe_bytes, validate
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(240)]
 
@@ -55,6 +55,15 @@ def test_calibrate_then_validate(raw, tmp_path, monkeypatch):
     saved = json.loads((tmp_path / "val" / "validation.json").read_text())
     assert saved["verdict"] == report["verdict"]
     assert saved["verdict"].startswith(("PASS", "FAIL"))
+    # TP: the thermometer probes ran (one per step), were left out of the collectives
+    # validated, and re-priced the run; the errors as calibrated are kept beside.
+    probe = saved["thermometer"]["all_reduce"]
+    assert probe["num_instances"] == saved["num_steps"] and probe["bytes"] == probe_bytes(cfg)
+    assert saved["thermometer_shift_s"]["all_gather"] == pytest.approx(
+        probe["shift_s"] * cfg.dilation)
+    assert "with the run's thermometer" in saved["verdict"]
+    assert saved["as_calibrated"]["verdict"].startswith(("PASS", "FAIL"))
+    assert (tmp_path / "val" / "simulate-thermometer" / "steps.parquet").exists()
     for key in ("step_time_median_error", "drain_time_error", "collective_median_error_small",
                 "noise_floor_mape", "ttft_p50_error", "e2e_p90_error"):
         assert key in saved
@@ -65,7 +74,6 @@ def test_calibrate_then_validate(raw, tmp_path, monkeypatch):
     # With the host probe: once before and once after the emulation, at the run's message
     # size; priced with their mean; both and their drift reported (probes stubbed here).
     import emulator.calibrate.run as calibrate_run
-    from emulator.validate.run import probe_bytes
 
     probes = [host, host.model_copy(update={"step_gap_s": 3 * host.step_gap_s})]
     calls = []
