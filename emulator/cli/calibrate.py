@@ -158,7 +158,8 @@ def calibrate(output, from_bench, no_host_probe, name, line_only, **kw):
 @click.command()
 @config_options(COMMON_FIELDS + EMULATION_FIELDS)
 @click.option("-o", "--output", "outdir", type=click.Path(path_type=Path), required=True,
-              help="Output directory: emulate/, simulate/, validation.json, validation.png.")
+              help="Output directory: emulate/, simulate/ (simulate-thermometer/), "
+              "validation.json, validation.png.")
 @click.option("--host-probe/--no-host-probe", default=True, show_default=True,
               help="Re-measure the host overheads just before emulating (they follow the "
               "machine's load); the collective lines always come from --comm-profile.")

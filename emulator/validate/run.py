@@ -167,7 +167,8 @@ def _simulate_and_report(config: RunConfig, profile: CommProfile, simdir: Path,
 def validate(config: RunConfig, outdir: Path, *, host_probe: bool = True,
              thermometer: bool = True, on_progress=None) -> dict[str, Any]:
     """Emulate and simulate ``config``, write both runs under ``outdir`` (emulate/,
-    simulate/), ``validation.json`` and ``validation.png``; return the report.
+    simulate/, and simulate-thermometer/ when re-priced), ``validation.json`` and
+    ``validation.png``; return the report.
 
     ``host_probe``: re-measure the host overheads (calibrate/host.py, ~15 s each) right
     before and right after the emulation, with messages of the run's size (probe_bytes),
