@@ -62,7 +62,7 @@ class RunConfig(BaseModel):
 
     thermometer_bytes: int = Field(0, ge=0, description="Thermometer probes (set by `validate`): in every step a back-to-back all-reduce of this many bytes after each stage's first TP all-reduce (tp > 1 only), measuring the host's collective speed during the run; the simulator prices it too. 0 = none.")
     pin_ranks: Literal["auto", "on", "off"] = Field(
-        "auto", description="Pin each rank's threads to a CPU of its own (round robin over a node's CPUs): on, off, or auto (on with the gloo backend when a node has a CPU for every rank). Ranks left to float move between CPUs at their wake-ups, which makes a collective's time switch between two levels every few seconds.")
+        "auto", description="Pin each rank's threads to a CPU of its own (round robin over a node's CPUs): on, off, or auto (on with the gloo backend when a node has a CPU for every rank and one more for the driver and Ray). Floating ranks move between CPUs at their wake-ups; pinned ones cannot move away from the driver.")
 
     @model_validator(mode="after")
     def _check(self) -> "RunConfig":

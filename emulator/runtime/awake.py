@@ -30,13 +30,16 @@ for normal processes; a spinning real-time rank would take the rest), so the pri
 used with slept delays only.
 
 Real-time ranks left to float over the CPUs move between them at their wake-ups. Pinning
-each rank's threads to a CPU of its own (:func:`pin_threads`, where a node has a CPU per
-rank: :func:`wants_pinned`) helps a little: on the development VM, in windows alternating
-pinned and floating within one run (two plain torch.distributed processes, a 256 KiB
-all-reduce after a 1.6 ms delay), the pinned windows' median was 423 us against 479 us, and
-lower in 15 of 20 pairs. It does not remove the host's own regimes: a back-to-back
-all-reduce of that size takes ~240 us for tens of seconds, then ~400 us (benchmarks/
-bench_host_drift.py shows them).
+each rank's threads to a CPU of its own (:func:`pin_threads`) helps them a little when
+nothing else needs the CPUs: on the development VM, in windows alternating pinned and
+floating within one run (two plain torch.distributed processes, a 256 KiB all-reduce after
+a 1.6 ms delay), the pinned windows' median was 423 us against 479 us, lower in 15 of 20
+pairs. It does not remove the host's own regimes: a back-to-back all-reduce of that size
+takes ~240 us for tens of seconds, then ~400 us (benchmarks/bench_host_drift.py). But an
+emulation's driver needs a CPU too: with both CPUs of the VM pinned to the two ranks of
+PP=2 at dilation 1, the pipeline transfers took 273-276 us (median) and the run 0.76-0.79 s,
+floating 142-200 us and 0.60-0.64 s. So ranks are pinned by default only where the node
+keeps a CPU for the driver and Ray's daemons (:func:`wants_pinned`).
 """
 
 from __future__ import annotations
@@ -113,10 +116,11 @@ class HostMode:
 
 def wants_pinned(mode: str, backend: str, ranks_on_node: int, cpus: int) -> bool:
     """Whether a node's ranks are pinned to CPUs (one each, round robin): ``on``; ``off``;
-    ``auto``: on the CPU backend (gloo) when the node has a CPU for every rank."""
+    ``auto``: on the CPU backend (gloo) when the node has a CPU for every rank and one more
+    for the driver and Ray's daemons (a pinned rank cannot move away from them)."""
     if mode not in ("auto", "on", "off"):
         raise ValueError(f"pin-ranks mode must be auto, on or off, got {mode!r}")
-    return mode == "on" or (mode == "auto" and backend == "gloo" and ranks_on_node <= cpus)
+    return mode == "on" or (mode == "auto" and backend == "gloo" and ranks_on_node < cpus)
 
 
 def wants_realtime(mode: str, backend: str, sleeps: bool, allowed: bool) -> bool:

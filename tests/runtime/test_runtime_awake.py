@@ -126,7 +126,7 @@ def test_decide_combines_spinners_delays_and_priority():
     assert auto.spin_s == (REALTIME_SPIN_S if rt else SPIN_S)
     # no spinners and a core per rank: delays spun whole, so never real-time
     assert decide(HostMode(keep_awake="off"), "gloo", 2, 2) == (
-        type(auto)(keep_awake=False, spin_s=float("inf"), realtime=False, cpu_slot=0))
+        type(auto)(keep_awake=False, spin_s=float("inf"), realtime=False, cpu_slot=None))
     assert decide(HostMode(rank_priority="normal"), "gloo", 2, 2).spin_s == SPIN_S
     assert not decide(HostMode(), "nccl", 1, 8).realtime
     with pytest.raises(ValueError, match="needs slept delays"):
@@ -161,13 +161,14 @@ def test_pin_threads_pins_every_thread_and_gives_the_cpus_back():
 def test_ranks_are_pinned_round_robin_where_each_has_a_cpu():
     from emulator.runtime.awake import HostMode, decide, wants_pinned
 
-    assert wants_pinned("auto", "gloo", 2, 2) and not wants_pinned("auto", "gloo", 3, 2)
+    # auto: a CPU per rank and one for the driver and Ray's daemons
+    assert wants_pinned("auto", "gloo", 2, 3) and not wants_pinned("auto", "gloo", 2, 2)
     assert not wants_pinned("auto", "nccl", 1, 8) and wants_pinned("on", "gloo", 4, 2)
     assert not wants_pinned("off", "gloo", 1, 2)
     with pytest.raises(ValueError, match="auto, on or off"):
         wants_pinned("yes", "gloo", 1, 2)
-    assert [decide(HostMode(), "gloo", 2, 2, i).cpu_slot for i in range(2)] == [0, 1]
-    assert [decide(HostMode(), "gloo", 4, 2, i).cpu_slot for i in range(4)] == [None] * 4
+    assert [decide(HostMode(), "gloo", 2, 4, i).cpu_slot for i in range(2)] == [0, 1]
+    assert [decide(HostMode(), "gloo", 2, 2, i).cpu_slot for i in range(2)] == [None] * 2
     assert [decide(HostMode(pin_ranks="on"), "gloo", 4, 2, i).cpu_slot
             for i in range(4)] == [0, 1, 0, 1]
     assert decide(HostMode(pin_ranks="off"), "gloo", 2, 2, 1).cpu_slot is None
