@@ -9,8 +9,8 @@ one window to the next. A simulator's prediction of a collective median from a p
 measured at another time cannot be expected to do better than this spread.
 
 The ranks wait as the emulator's ranks do (runtime.awake, delay): idle-priority spinners,
-real-time priority where permitted, slept delays with the same spun tail, each pinned to a
-CPU of its own (``--pin-ranks off`` lets them float, to see the difference).
+real-time priority where permitted, slept delays with the same spun tail, pinned to CPUs
+where the emulator would pin them (``--pin-ranks on|off`` to compare).
 
     .venv/bin/python benchmarks/bench_host_drift.py [--bytes 262144] [--delay-ms 1.6]
         [--windows 40] [--per-window 400] [--rank-priority auto|realtime|normal]
