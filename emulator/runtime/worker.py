@@ -316,7 +316,7 @@ class Worker:
                 if work.logits_gather_bytes:
                     coll.all_gather("tp", work.logits_gather_bytes, NO_LAYER,
                                     len(topo.tp_ranks))
-            if topo.next_stage_rank is not None:
+            else:
                 coll.send(topo.next_stage_rank, work.pp_send_bytes)
         except BaseException as exc:
             coll.fail_step(exc)

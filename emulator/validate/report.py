@@ -24,7 +24,7 @@ high), so bias shows; headlines and the verdict use magnitudes.
   the mean straggler wait is reported beside.
 - Thermometer: probe instances (layer -2, StageWork.probe_bytes) are not validated; their
   median against its prediction gives the shift per call that `validate` re-prices the
-  group collectives with (:func:`thermometer`).
+  group collectives with (:func:`read_thermometer`).
 - Requests: TTFT, TPOT and E2E at p50 and p90; the drain time (last finish - first arrival).
 """
 
@@ -175,7 +175,7 @@ THERMOMETER_OPS = {"all_reduce": ("all_reduce", "all_gather", "all_to_all")}
 """Probe op -> the ops whose lines its measured speed re-prices (the group collectives)."""
 
 
-def thermometer(inst: dict[str, np.ndarray], profile: CommProfile) -> dict[str, Any]:
+def read_thermometer(inst: dict[str, np.ndarray], profile: CommProfile) -> dict[str, Any]:
     """What the run's thermometer probes (``is_probe`` instances: back-to-back collectives
     of one size, StageWork.probe_bytes) say about the host during the run, per probe op:
     instances, bytes, measured and predicted median, and ``shift_s``, how much longer than
@@ -199,8 +199,9 @@ def thermometer(inst: dict[str, np.ndarray], profile: CommProfile) -> dict[str, 
 
 
 def thermometer_shifts(probes: dict[str, Any], scale: float = 1.0) -> dict[str, float]:
-    """Per op the shift of its line (CommProfile.lines_shifted) from :func:`thermometer`'s
-    output, times ``scale`` (the dilation: tables' units -> the profile's host seconds)."""
+    """Per op the shift of its line (CommProfile.lines_shifted) from
+    :func:`read_thermometer`'s output, times ``scale`` (the dilation: tables' units -> the
+    profile's host seconds)."""
     return {op: probes[probe]["shift_s"] * scale for probe, ops in THERMOMETER_OPS.items()
             if probe in probes for op in ops}
 
@@ -209,7 +210,7 @@ def collective_errors(inst: dict[str, np.ndarray], profile: CommProfile) -> dict
     """Per op and size bucket, the error of the median (``profile`` in the tables' units).
     The prediction of an instance is the benchmark line plus, with a host profile, the
     wake-up cost after the idle time before it (``idle_before_s``; HostOverhead.wake).
-    Thermometer probes are left out (:func:`thermometer` reads them)."""
+    Thermometer probes are left out (:func:`read_thermometer` reads them)."""
     line, wake = _predicted(inst, profile)
     pred = np.maximum(0.0, line + wake)
     keep = ~inst.get("is_probe", np.zeros(pred.size, bool))

@@ -31,8 +31,8 @@ from emulator.simulator.engine import CostModelExecutor, Simulation
 from emulator.simulator.run import RunTables, request_table, run_extra, simulate
 from emulator.validate.join import join_steps
 from emulator.validate.report import (collective_errors, collective_instances, drain_error,
-                                      noise_floor, request_errors, step_errors, thermometer,
-                                      thermometer_shifts)
+                                      noise_floor, read_thermometer, request_errors,
+                                      step_errors, thermometer_shifts)
 
 TARGETS = {"step_time_median_error": 0.10, "drain_time_error": 0.10,
            "collective_median_error_large": 0.15}
@@ -96,7 +96,7 @@ def build_report(config: RunConfig, profile: CommProfile, emu: RunTables, sim: R
     if emu.collectives is not None and emu.collectives.num_rows:
         inst = collective_instances(emu.collectives, node_of_rank)
         coll = collective_errors(inst, scaled)
-        probes = thermometer(inst, scaled)
+        probes = read_thermometer(inst, scaled)
     else:
         coll = {"collective_median_error_small": None, "collective_median_error_large": None,
                 "by_op": []}

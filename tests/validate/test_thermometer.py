@@ -7,7 +7,7 @@ import pytest
 
 from emulator.cost.comm import CommEntry, CommProfile, HostOverhead, LinePiece
 from emulator.metrics.records import CollectiveRecords
-from emulator.validate.report import (collective_errors, collective_instances, thermometer,
+from emulator.validate.report import (collective_errors, collective_instances, read_thermometer,
                                       thermometer_shifts)
 
 
@@ -41,7 +41,7 @@ PROFILE = CommProfile(name="h", entries=[
 def test_probes_measure_a_shift_and_are_not_validated():
     inst = collective_instances(_collectives())
     assert sorted(inst["is_probe"].tolist()) == [False, False, True]
-    probes = thermometer(inst, PROFILE)
+    probes = read_thermometer(inst, PROFILE)
     assert list(probes) == ["all_reduce"]
     assert probes["all_reduce"]["shift_s"] == pytest.approx(-30e-6)  # 80 measured, 110 line
     assert probes["all_reduce"]["bytes"] == 65536 and probes["all_reduce"]["num_instances"] == 1
@@ -53,7 +53,7 @@ def test_probes_measure_a_shift_and_are_not_validated():
     # group collective (transfers keep their line).
     assert thermometer_shifts(probes, 2.0) == pytest.approx(
         {"all_reduce": -60e-6, "all_gather": -60e-6, "all_to_all": -60e-6})
-    assert thermometer({**inst, "is_probe": np.zeros(3, bool)}, PROFILE) == {}
+    assert read_thermometer({**inst, "is_probe": np.zeros(3, bool)}, PROFILE) == {}
 
 
 def test_lines_shifted_moves_every_call_of_the_named_ops_only():
