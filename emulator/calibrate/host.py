@@ -23,11 +23,14 @@ k+1 - end of step k`` against the number of collective rows gives ``step_gap_s``
 
 Pipeline transfers are probed on a second, 2-stage group (:func:`measure_pipeline_wake`):
 real 2-stage steps with two plans in flight, one stage slower than the other by an idle
-time on a grid, in both orders (the receiver idles in its recv, or the sender in its send).
+time on a grid, in both orders (the receiver idles in its recv, or the sender in its send);
+the stages run the program of a step of the run to be priced when there is one
+(:func:`pipeline_stages`), and each curve is placed at the idle times measured.
 """
 
 from __future__ import annotations
 
+import copy
 import tempfile
 from pathlib import Path
 
@@ -44,6 +47,8 @@ P2P_IDLE_GRID_S = (0.0, 1e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1)
 GRID_LAYERS = 8
 GAP_LAYERS = (4, 32)
 PROBE_BYTES = 64 * 1024
+PIPELINE_BUSY_S = 4e-3
+"""Host seconds of layers per stage in the pipeline probe at most (pipeline_stages)."""
 
 
 def probe_work(num_layers: int, delay_s: float, num_bytes: int) -> StepWork:
@@ -127,38 +132,104 @@ def pipeline_work(delay_s: tuple[float, float], num_bytes: int) -> StepWork:
                   mlp_compute_s=one, tp_allreduce_bytes=0)], num_tokens=1, num_sampled_tokens=1)
 
 
+def pipeline_stages(template: StepWork, dilation: float, num_bytes: int,
+                    max_busy_s: float = PIPELINE_BUSY_S) -> StepWork:
+    """The program around a pipeline transfer in a run, as a 2-stage plan of delays only:
+    the run's first stage (embedding, layers, send of ``num_bytes``) and last stage (recv,
+    layers, LM head) of ``template`` (one of its steps), without TP or EP collectives, each
+    cut to as many of its leading layers as fit in ``max_busy_s`` host seconds at
+    ``dilation`` (at least one; the embedding and LM-head delays cut to ``max_busy_s``
+    too), so that a probe of a slow run stays short. The wake-up
+    cost of a transfer depends on what the ranks did just before it (on the development VM
+    a run's 16 layers of ~0.1 ms delays made the same idle receiver 10-25% slower to wake
+    than one 1-layer delay)."""
+    cap = max_busy_s / dilation
+
+    def cut(st: StageWork, stage: int, first: bool) -> StageWork:
+        per_layer = (st.attn_compute_s + st.mlp_compute_s) * dilation
+        keep = int(np.clip(max_busy_s // max(float(per_layer.mean()), 1e-12), 1,
+                           per_layer.size))
+        return StageWork(stage=stage, layer_ids=np.arange(keep) + stage * keep,
+                         attn_compute_s=st.attn_compute_s[:keep].copy(),
+                         mlp_compute_s=st.mlp_compute_s[:keep].copy(), tp_allreduce_bytes=0,
+                         pre_compute_s=min(st.pre_compute_s, cap) if first else 0.0,
+                         post_compute_s=0.0 if first else min(st.post_compute_s, cap),
+                         pp_send_bytes=num_bytes if first else 0)
+    return StepWork(stages=[cut(template.stages[0], 0, True), cut(template.stages[-1], 1, False)],
+                    num_tokens=template.num_tokens, num_sampled_tokens=template.num_sampled_tokens)
+
+
+def with_idle(work: StepWork, dilation: float, idle_s: float, sender_waits: bool) -> StepWork:
+    """``work`` (2 stages) with one stage lengthened so that the other one idles ``idle_s``
+    host seconds per plan at the transfer, two plans in flight: stage 0 longer than stage 1
+    by ``idle_s`` (the receiver idles in its recv), or with ``sender_waits`` stage 1 longer
+    (the sender idles in its send). Extra time goes to stage 0's embedding delay or stage
+    1's LM-head delay; the step boundary's own costs come on top (the probe measures the
+    idle time it got)."""
+    first, last = work.stages
+    busy = [float(st.pre_compute_s + st.attn_compute_s.sum() + st.mlp_compute_s.sum()
+                  + st.post_compute_s) * dilation for st in (first, last)]
+    extra = idle_s - ((busy[1] - busy[0]) if sender_waits else (busy[0] - busy[1]))
+    slow_last = sender_waits == (extra >= 0)
+    extra = abs(extra) / dilation
+    first, last = copy.copy(first), copy.copy(last)
+    if slow_last:
+        last.post_compute_s += extra
+    else:
+        first.pre_compute_s += extra
+    return StepWork(stages=[first, last], num_tokens=work.num_tokens,
+                    num_sampled_tokens=work.num_sampled_tokens)
+
+
 def measure_pipeline_wake(group, line_s, num_bytes: int = PROBE_BYTES,
-                          grid_s: tuple[float, ...] = P2P_IDLE_GRID_S, num_steps: int = 24
-                          ) -> tuple[list[float], list[float], list[float]]:
-    """(idle grid, receiver wake, sender wake) of pipeline transfers, measured the way an
-    emulation runs them: ``group`` is a 2-stage WorkerGroup (layout pp=2) and the driver
-    keeps two plans in flight, as with two micro-batches. For each idle time d on the grid,
-    once with stage 0 slower by d (stage 1 idles in its recv for the activations) and once
-    with stage 1 slower by d (stage 0 idles in its send until the recv is posted; gloo's
-    send waits for it): per transfer, (max exit - max entry) - the line, median over the
-    steps. The step boundaries (results shipped to the driver, the next call started) fall
-    right around these transfers, so they cost more than in a bare microbenchmark."""
+                          grid_s: tuple[float, ...] = P2P_IDLE_GRID_S, num_steps: int = 24,
+                          template: StepWork | None = None, dilation: float = 1.0
+                          ) -> dict[str, list[float]]:
+    """The pipeline fields of a HostOverhead (p2p_idle_grid_s, p2p_wake_s, p2p_send_wake_s,
+    p2p_recv_idle_s, p2p_send_idle_s), measured the way an emulation runs its transfers:
+    ``group`` is a 2-stage WorkerGroup (layout pp=2) and the driver keeps two plans in
+    flight, as with two micro-batches. For each idle time d on the grid, once with stage 0
+    slower by d (stage 1 idles in its recv for the activations) and once with stage 1 slower
+    by d (stage 0 idles in its send until the recv is posted; gloo's send waits for it): per
+    transfer, (max exit - max entry) - the line, median over the steps, placed at the
+    median idle time measured (max entry - min entry). The step boundaries (results shipped
+    to the driver, the next call started) fall right around these transfers, so they cost
+    more than in a bare microbenchmark.
+
+    The stages run ``template``'s program at ``dilation`` (:func:`pipeline_stages`: the
+    run being validated), or without one a single delay each."""
     line = line_s("send_recv", num_bytes)
-    base_s = 2e-4  # the faster stage's delay
+    if template is None:
+        base_s = 2e-4  # the faster stage's delay
+        work_at = lambda d, sender_waits: pipeline_work(  # noqa: E731
+            (base_s, base_s + d) if sender_waits else (base_s + d, base_s), num_bytes)
+        dilation = 1.0
+    else:
+        shape = pipeline_stages(template, dilation, num_bytes)
+        work_at = lambda d, sender_waits: with_idle(shape, dilation, d, sender_waits)  # noqa: E731
     warmup = 2     # plans whose transfers fall while the pipeline fills
     wakes: dict[bool, list[float]] = {False: [], True: []}
+    idles: dict[bool, list[float]] = {False: [], True: []}
     for sender_waits in (False, True):
         for d in grid_s:
-            work = pipeline_work((base_s, base_s + d) if sender_waits else (base_s + d, base_s),
-                                 num_bytes)
+            work = work_at(d, sender_waits)
             submit = lambda i: group.submit_replica_step(  # noqa: E731
-                0, work, None, 1.0, step_key=("p2p", sender_waits, d, i))
-            in_flight, excess = submit(0), []
+                0, work, None, dilation, step_key=("p2p", sender_waits, d, i))
+            in_flight, excess, idle = submit(0), [], []
             for i in range(1, warmup + num_steps + 1):
                 nxt = submit(i)  # two plans in flight while the older one is collected
                 recs = group.collect(in_flight)
                 in_flight = nxt
                 if i > warmup:  # one transfer per plan: (max exit - max entry) - line
-                    excess.append(max(r.coll_exit_s[0] for r in recs)
-                                  - max(r.coll_entry_s[0] for r in recs) - line)
+                    entry = [r.coll_entry_s[0] for r in recs]
+                    excess.append(max(r.coll_exit_s[0] for r in recs) - max(entry) - line)
+                    idle.append(max(entry) - min(entry))
             group.collect(in_flight)
             wakes[sender_waits].append(float(np.median(excess)))
-    return list(grid_s), wakes[False], wakes[True]
+            idles[sender_waits].append(float(np.median(idle)))
+    return {"p2p_idle_grid_s": list(grid_s), "p2p_wake_s": wakes[False],
+            "p2p_send_wake_s": wakes[True], "p2p_recv_idle_s": idles[False],
+            "p2p_send_idle_s": idles[True]}
 
 
 def measure_step_gap(group, layers: tuple[int, ...] = GAP_LAYERS) -> tuple[float, float]:

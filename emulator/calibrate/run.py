@@ -9,6 +9,7 @@ import pyarrow as pa
 
 from emulator.calibrate.bench import RAW_SCHEMA, summarize
 from emulator.calibrate.fit import FitPoint, fit_profile
+from emulator.core.work import StepWork
 from emulator.cost.comm import CommProfile, HostOverhead
 from emulator.cost.profile_io import save_profile
 from emulator.errors import ConfigError
@@ -17,11 +18,15 @@ from emulator.runtime.awake import HostMode
 
 def probe_host(world: int, profile: CommProfile, *, address: str | None = None,
                timeout_s: float = 60.0, host_mode: HostMode = HostMode(),
-               num_bytes: int | None = None) -> HostOverhead:
+               num_bytes: int | None = None, pipeline_template: StepWork | None = None,
+               dilation: float = 1.0) -> HostOverhead:
     """Start ``world`` workers (TP over all of them) and measure the host overheads against
     ``profile``'s lines, with the ranks waiting as an emulation in ``host_mode`` waits (the
     overheads differ a lot between modes), with messages of ``num_bytes`` (default
-    calibrate.host.PROBE_BYTES; the wake-up after an idle time grows with the message)."""
+    calibrate.host.PROBE_BYTES; the wake-up after an idle time grows with the message).
+    Pipeline transfers are probed with the stages running ``pipeline_template``'s program
+    at ``dilation`` (a step of the run to be priced; calibrate.host.pipeline_stages), or a
+    single delay each without one."""
     from emulator.calibrate.host import (PROBE_BYTES, measure_host_overhead,
                                          measure_pipeline_wake)
     from emulator.runtime.cluster import WorkerGroup
@@ -39,10 +44,9 @@ def probe_host(world: int, profile: CommProfile, *, address: str | None = None,
             return host
         with WorkerGroup(ParallelLayout(pp=2), backend="gloo", timeout_s=timeout_s) as g:
             g.set_host_mode(host_mode)
-            grid, recv_wake, send_wake = measure_pipeline_wake(
-                g, line_s, num_bytes=num_bytes or PROBE_BYTES)
-        return host.model_copy(update={"p2p_idle_grid_s": grid, "p2p_wake_s": recv_wake,
-                                       "p2p_send_wake_s": send_wake})
+            pipeline = measure_pipeline_wake(g, line_s, num_bytes=num_bytes or PROBE_BYTES,
+                                             template=pipeline_template, dilation=dilation)
+        return host.model_copy(update=pipeline)
 
 
 def calibrate(raw: pa.Table, *, name: str, host_probe: bool = True,

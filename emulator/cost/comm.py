@@ -212,6 +212,14 @@ class HostOverhead(BaseModel):
         default=None, description="Per p2p_idle_grid_s point: extra time of a send/recv whose "
         "sender idled that long in its send, waiting for the receiver to post its recv (a "
         "stage whose successor is still busy); None: use p2p_wake_s.")
+    p2p_recv_idle_s: list[float] | None = Field(
+        default=None, description="Per p2p_idle_grid_s point: the receiver's idle time the "
+        "probe measured there (median), the x of p2p_wake_s; None: the grid itself. A probe "
+        "sets each stage's delays, but the idle time a stage actually waits also holds the "
+        "step boundary's costs, so the curve is placed at what was measured.")
+    p2p_send_idle_s: list[float] | None = Field(
+        default=None, description="Per p2p_idle_grid_s point: the sender's idle time the probe "
+        "measured there (median), the x of p2p_send_wake_s; None: the grid itself.")
 
     @model_validator(mode="after")
     def _grid(self) -> HostOverhead:
@@ -228,6 +236,11 @@ class HostOverhead(BaseModel):
                 self.p2p_wake_s is None or len(self.p2p_send_wake_s) != len(self.p2p_wake_s)):
             raise ValueError("p2p_send_wake_s needs p2p_wake_s and one value per "
                              "p2p_idle_grid_s point")
+        for name in ("p2p_recv_idle_s", "p2p_send_idle_s"):
+            xs = getattr(self, name)
+            if xs is not None and (self.p2p_idle_grid_s is None
+                                   or len(xs) != len(self.p2p_idle_grid_s)):
+                raise ValueError(f"{name} needs one value per p2p_idle_grid_s point")
         for name in ("delay_grid_s", "p2p_idle_grid_s"):
             grid = getattr(self, name) or []
             if any(b <= a for a, b in zip(grid, grid[1:])):
@@ -251,10 +264,12 @@ class HostOverhead(BaseModel):
         (the receiver, or with ``sender_waited`` the sender)."""
         if self.p2p_wake_s is None:
             return self.wake(idle_s)
-        recv = np.interp(idle_s, self.p2p_idle_grid_s, self.p2p_wake_s)
+        recv = _interp_measured(idle_s, self.p2p_recv_idle_s or self.p2p_idle_grid_s,
+                                self.p2p_wake_s)
         if self.p2p_send_wake_s is None:
             return recv
-        send = np.interp(idle_s, self.p2p_idle_grid_s, self.p2p_send_wake_s)
+        send = _interp_measured(idle_s, self.p2p_send_idle_s or self.p2p_idle_grid_s,
+                                self.p2p_send_wake_s)
         return np.where(sender_waited, send, recv)
 
     def averaged(self, other: HostOverhead) -> HostOverhead:
@@ -282,10 +297,19 @@ class HostOverhead(BaseModel):
             "step_gap_s", "step_gap_s_per_collective", "step_fixed_s", "collective_call_s")}
         update.update({k: [v * factor for v in getattr(self, k)] for k in (
             "delay_grid_s", "delay_excess_s", "collective_excess_s", "wake_s")})
-        for k in ("p2p_wake_s", "p2p_idle_grid_s", "p2p_send_wake_s"):
+        for k in ("p2p_wake_s", "p2p_idle_grid_s", "p2p_send_wake_s", "p2p_recv_idle_s",
+                  "p2p_send_idle_s"):
             if getattr(self, k) is not None:
                 update[k] = [v * factor for v in getattr(self, k)]
         return self.model_copy(update=update)
+
+
+def _interp_measured(x: np.ndarray, xp: list[float], fp: list[float]) -> np.ndarray:
+    """np.interp on points whose x were measured (ascending by construction of the probe's
+    grid, but two neighbours can swap by noise): the points sorted by x first."""
+    order = np.argsort(np.asarray(xp, dtype=np.float64), kind="stable")
+    return np.interp(x, np.asarray(xp, dtype=np.float64)[order],
+                     np.asarray(fp, dtype=np.float64)[order])
 
 
 class CommProfile(BaseModel):

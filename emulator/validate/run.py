@@ -22,6 +22,8 @@ from emulator.atomic import write_json_atomic
 from emulator.build import build_run
 from emulator.calibrate.host import PROBE_BYTES
 from emulator.config import RunConfig
+from emulator.core.plan import BatchPlan
+from emulator.core.work import StepWork
 from emulator.cost.comm import CommProfile, HostOverhead
 from emulator.cost.profile_io import load_profile, save_profile
 from emulator.errors import ConfigError
@@ -65,13 +67,34 @@ def probe_bytes(config: RunConfig) -> int:
     """The message size to probe the host with for ``config``: the activations of the run's
     median step (what its TP all-reduces and pipeline transfers carry), from a simulation
     without host overheads (an offline batch's plans do not depend on timing)."""
+    return probe_plan(config)[0]
+
+
+def probe_plan(config: RunConfig) -> tuple[int, StepWork | None]:
+    """(:func:`probe_bytes`, the cost model's work of a step shaped like the run's median
+    one, or None for an empty run): the median step by tokens of a simulation without host
+    overheads, rebuilt as a plan of its decodes (each with an equal share of the KV cache
+    it held) and one prefill of its prompt tokens. The pipeline probe runs its stages'
+    program (calibrate.host.pipeline_stages)."""
     setup = build_run(config)
     steps = simulate(setup).steps
     if not steps.num_rows:
-        return PROBE_BYTES
-    tokens = (steps["num_prefill_tokens"].to_numpy()
-              + steps["num_decode_tokens"].to_numpy())
-    return max(1, int(np.median(tokens))) * setup.model.hidden_size * setup.model.dtype_bytes
+        return PROBE_BYTES, None
+    prefill = steps["num_prefill_tokens"].to_numpy()
+    decode = steps["num_decode_tokens"].to_numpy()
+    tokens = prefill + decode
+    row = int(np.argsort(tokens, kind="stable")[(tokens.size - 1) // 2])
+    num_bytes = max(1, int(np.median(tokens))) * setup.model.hidden_size * setup.model.dtype_bytes
+    p, d = int(prefill[row]), int(decode[row])
+    held = int(steps["kv_blocks_used"].to_numpy()[row]) * config.block_size
+    ctx = max(0, held - p) // max(d, 1)
+    new = np.array([1] * d + ([p] if p else []), dtype=np.int64)
+    plan = BatchPlan(replica=0, step=0, micro_batch=0,
+                     request_ids=[str(i) for i in range(new.size)],
+                     request_index=np.arange(new.size, dtype=np.int64), num_new_tokens=new,
+                     num_context_tokens=np.array([ctx] * d + ([0] if p else []), dtype=np.int64),
+                     is_prefill=np.array([False] * d + ([True] if p else []), dtype=bool))
+    return num_bytes, setup.cost.step_work(plan)
 
 
 def probe_drift(before: HostOverhead, after: HostOverhead, line_s: float) -> float:
@@ -194,14 +217,15 @@ def validate(config: RunConfig, outdir: Path, *, host_probe: bool = True,
     profile = host_profile(config)
     outdir = Path(outdir)
     probes: list[HostOverhead] = []
-    num_bytes = probe_bytes(config) if host_probe or thermometer else 0
+    num_bytes, template = probe_plan(config) if host_probe or thermometer else (0, None)
     if thermometer and config.tp > 1:
         config = config.model_copy(update={"thermometer_bytes": num_bytes})
 
     def probe() -> None:
         probes.append(probe_host(max(2, config.tp), profile, address=config.address,
                                  timeout_s=config.timeout_s, host_mode=HostMode.of(config),
-                                 num_bytes=num_bytes))
+                                 num_bytes=num_bytes, pipeline_template=template,
+                                 dilation=config.dilation))
 
     if host_probe:
         probe()

@@ -154,3 +154,65 @@ def test_pipeline_wake_up_curves_per_side():
     assert host.scaled(0.5).p2p_wake(2.5, True) == pytest.approx(0.5)
     with pytest.raises(ValueError, match="p2p_send_wake_s"):
         HostOverhead(**{**host.model_dump(), "p2p_send_wake_s": [0.0]})
+
+
+def test_pipeline_wake_up_curves_placed_at_the_measured_idle_times():
+    # The probe asked for idle times 0, 1 and 10 (the grid); the stages actually idled
+    # 0.6, 0.4 and 9 (recv) and 2, 3, 12 (send): each curve is read at what was measured,
+    # its points sorted by it.
+    host = HOST.model_copy(update={
+        "p2p_idle_grid_s": [0.0, 1.0, 10.0], "p2p_wake_s": [2.0, 1.0, 10.0],
+        "p2p_send_wake_s": [0.0, 1.0, 10.0], "p2p_recv_idle_s": [0.6, 0.4, 9.0],
+        "p2p_send_idle_s": [2.0, 3.0, 12.0]})
+    assert host.p2p_wake(np.array([0.5, 9.0, 2.5, 7.5]),
+                         np.array([False, False, True, True])) == pytest.approx(
+        [1.5, 10.0, 0.5, 5.5])
+    assert host.p2p_wake(0.0, False) == pytest.approx(1.0)  # flat below the first point
+    half = host.scaled(0.5)
+    assert half.p2p_recv_idle_s == pytest.approx([0.3, 0.2, 4.5])
+    assert half.p2p_wake(0.25, False) == pytest.approx(0.75)
+    other = host.model_copy(update={"p2p_recv_idle_s": [0.8, 0.6, 11.0]})
+    assert host.averaged(other).p2p_recv_idle_s == pytest.approx([0.7, 0.5, 10.0])
+    with pytest.raises(ValueError, match="p2p_send_idle_s needs one value"):
+        HostOverhead(**{**host.model_dump(), "p2p_send_idle_s": [1.0]})
+    # Without measured idle times the grid is the x (profiles written before them).
+    plain = host.model_copy(update={"p2p_recv_idle_s": None, "p2p_send_idle_s": None})
+    assert plain.p2p_wake(0.5, False) == pytest.approx(1.5)
+
+
+def test_pipeline_probe_runs_the_runs_stage_program_with_the_idle_asked():
+    from emulator.calibrate.host import pipeline_stages, with_idle
+    from emulator.core.work import StageWork, StepWork
+
+    def stage(s, n, attn, mlp, pre=0.0, post=0.0):
+        return StageWork(stage=s, layer_ids=np.arange(n) + s * n, attn_compute_s=np.full(n, attn),
+                         mlp_compute_s=np.full(n, mlp), tp_allreduce_bytes=4096,
+                         pre_compute_s=pre, post_compute_s=post, embed_allreduce_bytes=4096,
+                         pp_send_bytes=0 if s == 2 else 4096, probe_bytes=512)
+    # three stages (the probe takes the first and the last), modelled seconds
+    run = StepWork(stages=[stage(0, 4, 1e-4, 3e-4, pre=1e-5), stage(1, 4, 1e-4, 3e-4),
+                           stage(2, 4, 1e-4, 3e-4, post=2e-4)], num_tokens=8,
+                   num_sampled_tokens=8)
+    # dilation 2: a layer is 0.8 ms of host time; 2 ms of busy time keeps 2 layers
+    shape = pipeline_stages(run, 2.0, 1000, max_busy_s=2e-3)
+    first, last = shape.stages
+    assert [len(first.layer_ids), len(last.layer_ids)] == [2, 2]
+    assert (first.pp_send_bytes, last.pp_send_bytes) == (1000, 0)
+    assert (first.pre_compute_s, first.post_compute_s) == (1e-5, 0.0)
+    assert (last.pre_compute_s, last.post_compute_s) == (0.0, 2e-4)
+    for st in shape.stages:  # delays only: no TP collectives, no thermometer
+        assert st.tp_allreduce_bytes == st.embed_allreduce_bytes == st.probe_bytes == 0
+    # a slow run: one layer at least, the LM head cut to the budget too
+    slow = pipeline_stages(run, 1000.0, 1000, max_busy_s=2e-3)
+    assert len(slow.stages[0].layer_ids) == 1 and slow.stages[1].post_compute_s == 2e-6
+
+    def busy(work, dilation):
+        return [float(s.pre_compute_s + s.attn_compute_s.sum() + s.mlp_compute_s.sum()
+                      + s.post_compute_s) * dilation for s in work.stages]
+    # natural imbalance: stage 1 longer by the LM head (0.4 ms) less the embedding
+    for idle in (0.0, 1e-4, 3e-3):
+        recv = busy(with_idle(shape, 2.0, idle, sender_waits=False), 2.0)
+        send = busy(with_idle(shape, 2.0, idle, sender_waits=True), 2.0)
+        assert recv[0] - recv[1] == pytest.approx(idle)
+        assert send[1] - send[0] == pytest.approx(idle)
+    assert busy(shape, 2.0) == pytest.approx([1.62e-3, 2.0e-3])  # the shape untouched

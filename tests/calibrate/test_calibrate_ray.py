@@ -44,7 +44,8 @@ def test_calibrate_then_validate(raw, tmp_path, monkeypatch):
     host = profile.host
     assert host is not None and host.num_ranks == 2
     assert len(host.delay_excess_s) == len(host.delay_grid_s)
-    assert len(host.p2p_wake_s) == len(host.p2p_idle_grid_s) == len(host.p2p_send_wake_s)
+    assert len(host.p2p_wake_s) == len(host.p2p_idle_grid_s) == len(host.p2p_send_wake_s) \
+        == len(host.p2p_recv_idle_s) == len(host.p2p_send_idle_s)
 
     trace = tmp_path / "batch.arrow"
     write_trace(synth_trace(num_requests=4, lengths="uniform", arrival="batch",

@@ -169,3 +169,23 @@ def test_probe_bytes_is_the_median_steps_activations(tmp_path):
     # one prefill step of 240 tokens, then 8 decode steps of 6
     assert sorted(tokens.tolist()) == [6] * 8 + [240]
     assert probe_bytes(config) == 6 * model.hidden_size * model.dtype_bytes
+
+
+def test_probe_plan_is_shaped_like_the_median_step(tmp_path):
+    from emulator.build import build_run
+    from emulator.config import build_config
+    from emulator.trace.io import write_trace
+    from emulator.trace.synth import synth_trace
+    from emulator.validate.run import probe_plan
+
+    path = write_trace(synth_trace(num_requests=6, lengths="fixed", arrival="batch",
+                                   prompt_tokens=40, output_tokens=9, seed=0),
+                       tmp_path / "b.arrow")
+    config = build_config(trace=path, model="tiny", pp=2)
+    num_bytes, work = probe_plan(config)
+    setup = build_run(config)
+    # two micro-batches of 3: the median step is a decode of 3 requests
+    assert num_bytes == 3 * setup.model.hidden_size * setup.model.dtype_bytes
+    assert (work.num_tokens, work.num_sampled_tokens) == (3, 3)
+    assert len(work.stages) == 2 and work.stages[0].pp_send_bytes == num_bytes
+    assert work.stages[1].post_compute_s > 0 and work.stages[0].pre_compute_s > 0
