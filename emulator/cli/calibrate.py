@@ -169,7 +169,8 @@ def calibrate(output, from_bench, no_host_probe, name, line_only, **kw):
               "errors are reported beside.")
 @click.option("--reuse-emulation", is_flag=True,
               help="Keep OUTDIR/emulate (do not re-run it); re-simulate and re-report, with "
-              "--comm-profile if given (e.g. after re-calibrating).")
+              "--comm-profile if given (e.g. after re-calibrating) and --no-thermometer "
+              "to price as calibrated.")
 def validate(config_file, outdir, host_probe, thermometer, reuse_emulation, **values):
     """Emulate and simulate (host profile, same dilation) one trace; report the errors."""
     from emulator.config import build_config
@@ -177,7 +178,7 @@ def validate(config_file, outdir, host_probe, thermometer, reuse_emulation, **va
     from emulator.validate.run import validate as run
 
     if reuse_emulation:
-        report = revalidate(outdir, values.get("comm_profile"))
+        report = revalidate(outdir, values.get("comm_profile"), thermometer=thermometer)
     else:
         report = run(build_config(config_file, **values), outdir, host_probe=host_probe,
                      thermometer=thermometer)

@@ -13,6 +13,8 @@ Comparable runs need the same plans: use an offline batch trace (see join.py).
 
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -160,13 +162,19 @@ def verdict(report: dict[str, Any]) -> str:
             f"{report['step_time_mape'] * 100:.1f}% vs noise floor {noise}")
 
 
-def revalidate(outdir: Path, comm_profile: Path | None = None) -> dict[str, Any]:
+def revalidate(outdir: Path, comm_profile: Path | None = None, *,
+               thermometer: bool = True) -> dict[str, Any]:
     """Redo the simulation and the report of an existing validation directory (its
     emulate/ run is read back, not re-run) with ``comm_profile``, else the profile the
-    validation used (``host-profile.json`` when the host was re-probed)."""
+    validation used (``host-profile.json`` when the host was re-probed). Without
+    ``thermometer`` the report is priced as calibrated even where the run has probes; the
+    host probes of the earlier report are kept."""
     from emulator.metrics.io import read_run
 
     outdir = Path(outdir)
+    previous = outdir / "validation.json"
+    probes = (json.loads(previous.read_text()).get("host_probes")
+              if previous.exists() else None)
     run = read_run(outdir / "emulate")
     config = RunConfig.model_validate(run.summary["config"])
     if comm_profile is None and (outdir / "host-profile.json").exists():
@@ -174,7 +182,8 @@ def revalidate(outdir: Path, comm_profile: Path | None = None) -> dict[str, Any]
     if comm_profile is not None:
         config = config.model_copy(update={"comm_profile": Path(comm_profile)})
     emu = RunTables(requests=run.requests, steps=run.steps, collectives=run.collectives)
-    return report_runs(config, host_profile(config), outdir, emu, run.summary.get("nodes"))
+    return report_runs(config, host_profile(config), outdir, emu, run.summary.get("nodes"),
+                       probes, thermometer=thermometer)
 
 
 def _simulate_and_report(config: RunConfig, profile: CommProfile, simdir: Path,
@@ -256,16 +265,20 @@ def validate(config: RunConfig, outdir: Path, *, host_probe: bool = True,
 
 
 def report_runs(config: RunConfig, profile: CommProfile, outdir: Path, emu: RunTables,
-                nodes: dict | list | None, probes: dict | None = None) -> dict[str, Any]:
+                nodes: dict | list | None, probes: dict | None = None, *,
+                thermometer: bool = True) -> dict[str, Any]:
     """Simulate, write simulate/, join with ``emu`` and write the report (with ``probes``,
-    the host probes around the emulation, when given) and the plot."""
+    the host probes around the emulation, when given) and the plot; with ``thermometer``
+    and probes in the run, priced again with the speed they measured."""
     from emulator.validate.plot import plot_validation
 
     while isinstance(nodes, dict):  # WorkerGroup.nodes_summary()
         nodes = nodes.get("rank_node_id") or nodes.get("rank_node_ip")
     report, joined = _simulate_and_report(config, profile, outdir / "simulate", emu, nodes)
-    shifts = thermometer_shifts(report["thermometer"], config.dilation)
-    if shifts:
+    shifts = thermometer_shifts(report["thermometer"], config.dilation) if thermometer else {}
+    if not shifts:  # a re-report without the thermometer leaves no stale re-pricing
+        shutil.rmtree(outdir / "simulate-thermometer", ignore_errors=True)
+    else:
         # Re-price the lines with the speed the run's own probes measured (host overheads
         # unchanged) and report that, keeping the as-calibrated errors beside it.
         calibrated = report

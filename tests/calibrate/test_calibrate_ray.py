@@ -14,7 +14,7 @@ from emulator.config import build_config
 from emulator.cost.profile_io import load_profile
 from emulator.trace.io import write_trace
 from emulator.trace.synth import synth_trace
-from emulator.validate.run import probe_bytes, validate
+from emulator.validate.run import probe_bytes, revalidate, validate
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(240)]
 
@@ -93,3 +93,14 @@ def test_calibrate_then_validate(raw, tmp_path, monkeypatch):
     assert load_profile(tmp_path / "val2" / "host-profile.json").host.step_gap_s == \
         pytest.approx(2 * host.step_gap_s)
     assert saved["verdict"].endswith("host drift +0.0% between the probes")
+
+    # Re-reported from the same emulation without the thermometer: priced as calibrated
+    # (the same errors the report kept beside), host probes kept, no stale re-pricing.
+    again = revalidate(tmp_path / "val2", thermometer=False)
+    assert "thermometer_shift_s" not in again and "as_calibrated" not in again
+    for key in ("step_time_median_error", "drain_time_error"):
+        assert again[key] == pytest.approx(saved["as_calibrated"][key])
+    assert again["host_probes"] == saved["host_probes"]
+    assert not (tmp_path / "val2" / "simulate-thermometer").exists()
+    assert json.loads((tmp_path / "val2" / "validation.json").read_text())["verdict"] \
+        == again["verdict"]
