@@ -186,7 +186,7 @@ def measure_pipeline_wake(group, line_s, num_bytes: int = PROBE_BYTES,
                           template: StepWork | None = None, dilation: float = 1.0
                           ) -> dict[str, list[float]]:
     """The pipeline fields of a HostOverhead (p2p_idle_grid_s, p2p_wake_s, p2p_send_wake_s,
-    p2p_recv_idle_s, p2p_send_idle_s), measured the way an emulation runs its transfers:
+    p2p_recv_idle_s, p2p_send_idle_s, delay_gap_s), measured the way an emulation runs its transfers:
     ``group`` is a 2-stage WorkerGroup (layout pp=2) and the driver keeps two plans in
     flight, as with two micro-batches. For each idle time d on the grid, once with stage 0
     slower by d (stage 1 idles in its recv for the activations) and once with stage 1 slower
@@ -194,7 +194,8 @@ def measure_pipeline_wake(group, line_s, num_bytes: int = PROBE_BYTES,
     transfer, (max exit - max entry) - the line, median over the steps, placed at the
     median idle time measured (max entry - min entry). The step boundaries (results shipped
     to the driver, the next call started) fall right around these transfers, so they cost
-    more than in a bare microbenchmark.
+    more than in a bare microbenchmark. The stages' delays follow each other (no TP), so
+    the gaps between them are ``delay_gap_s`` (median over stages and plans of the mean gap).
 
     The stages run ``template``'s program at ``dilation`` (:func:`pipeline_stages`: the
     run being validated), or without one a single delay each."""
@@ -210,6 +211,7 @@ def measure_pipeline_wake(group, line_s, num_bytes: int = PROBE_BYTES,
     warmup = 2     # plans whose transfers fall while the pipeline fills
     wakes: dict[bool, list[float]] = {False: [], True: []}
     idles: dict[bool, list[float]] = {False: [], True: []}
+    gaps: list[float] = []  # per stage and plan: mean time between consecutive delays
     for sender_waits in (False, True):
         for d in grid_s:
             work = work_at(d, sender_waits)
@@ -224,12 +226,15 @@ def measure_pipeline_wake(group, line_s, num_bytes: int = PROBE_BYTES,
                     entry = [r.coll_entry_s[0] for r in recs]
                     excess.append(max(r.coll_exit_s[0] for r in recs) - max(entry) - line)
                     idle.append(max(entry) - min(entry))
+                    gaps += [float(np.mean(r.comp_start_s[1:] - r.comp_end_s[:-1]))
+                             for r in recs if r.comp_start_s.size > 1]
             group.collect(in_flight)
             wakes[sender_waits].append(float(np.median(excess)))
             idles[sender_waits].append(float(np.median(idle)))
     return {"p2p_idle_grid_s": list(grid_s), "p2p_wake_s": wakes[False],
             "p2p_send_wake_s": wakes[True], "p2p_recv_idle_s": idles[False],
-            "p2p_send_idle_s": idles[True]}
+            "p2p_send_idle_s": idles[True],
+            "delay_gap_s": max(0.0, float(np.median(gaps))) if gaps else 0.0}
 
 
 def measure_step_gap(group, layers: tuple[int, ...] = GAP_LAYERS) -> tuple[float, float]:

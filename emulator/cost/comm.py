@@ -167,6 +167,7 @@ class HostOverhead(BaseModel):
           + sum over delays of delay_excess(delay)
           + sum over group collectives of (collective_call_s
                                            + collective_excess(delay before it))
+          + delay_gap_s per two consecutive delays with no collective between them
 
     and the next step starts ``step_gap_s + step_gap_s_per_collective * rows`` after the
     driver learns the previous one ended (rows: collective records shipped back)."""
@@ -192,6 +193,11 @@ class HostOverhead(BaseModel):
         default=0.0, ge=0.0, description="Per group collective: the time between leaving a "
         "compute delay and entering the collective (Python, recording, buffer set-up); "
         "pipeline-only stages, whose delays follow each other, do not pay it.")
+    delay_gap_s: float = Field(
+        default=0.0, ge=0.0, description="Between two compute delays of a stage that follow "
+        "each other with no collective between (pipeline-only stages): the time from the end "
+        "of one to the start of the next (the layer loop, recording). Measured by the "
+        "pipeline probe; 0 in profiles written before it was.")
     collective_excess_s: list[float] = Field(
         description="Per grid point: extra critical-path time of a group collective after "
         "such a delay, beyond the benchmark line (wake-up of idle ranks + straggler wait); "
@@ -294,7 +300,8 @@ class HostOverhead(BaseModel):
     def scaled(self, factor: float) -> HostOverhead:
         """Every time (the grid too) multiplied by ``factor`` (1 / dilation: target units)."""
         update = {k: getattr(self, k) * factor for k in (
-            "step_gap_s", "step_gap_s_per_collective", "step_fixed_s", "collective_call_s")}
+            "step_gap_s", "step_gap_s_per_collective", "step_fixed_s", "collective_call_s",
+            "delay_gap_s")}
         update.update({k: [v * factor for v in getattr(self, k)] for k in (
             "delay_grid_s", "delay_excess_s", "collective_excess_s", "wake_s")})
         for k in ("p2p_wake_s", "p2p_idle_grid_s", "p2p_send_wake_s", "p2p_recv_idle_s",

@@ -122,7 +122,8 @@ class CostModelExecutor:
     emulator host's overheads so the simulator predicts an emulation on that host
     (comm.HostOverhead): before a plan, the driver's round trip since the previous plan of
     the replica ended; in every stage, the fixed per-step time, the excess of each compute
-    delay and, per group collective, the straggler wait (the step waits for the last rank).
+    delay, the gap between delays that follow each other and, per group collective, the
+    straggler wait (the step waits for the last rank).
 
     PP bubbles: a stage starts when its activations arrive, and a transfer starts when the
     sender is done and the receiving stage is free (and the plan submitted): a rendezvous,
@@ -163,6 +164,8 @@ class CostModelExecutor:
                 over[p] += float(h.collective_excess(0.0))
                 num_group += 1
             over[p] += num_group * h.collective_call_s
+            # Delays that follow each other (no collective between): the layer loop's gap.
+            over[p] += max(0, delays.size - 1 - num_group) * h.delay_gap_s
             num_rows += tp * (num_group + (p > 0) + (p < pp - 1))
         return h.step_gap_s + num_rows * h.step_gap_s_per_collective, over
 

@@ -144,6 +144,50 @@ def test_host_terms_of_one_stage():
         _, got = ex._host_terms(probe_work(2, 5e-4, 4096 if tp > 1 else 0), 1)
         assert got == pytest.approx(base + num_calls * 7e-6)
     assert call.scaled(0.5).collective_call_s == pytest.approx(3.5e-6)
+    # The gap between delays that follow each other: 6 delays, 5 gaps, only where no
+    # collective runs between them (tp = 1); scaled with the rest.
+    gapped = HOST.model_copy(update={"delay_gap_s": 3e-6})
+    for tp, base, num_gaps in ((1, over1, 5), (2, over, 0)):
+        ex = CostModelExecutor(SimpleNamespace(tp=tp, ep=1), None, host=gapped)
+        _, got = ex._host_terms(probe_work(2, 5e-4, 4096 if tp > 1 else 0), 1)
+        assert got == pytest.approx(base + num_gaps * 3e-6)
+    assert gapped.scaled(0.5).delay_gap_s == pytest.approx(1.5e-6)
+    assert HOST.delay_gap_s == 0.0  # profiles written before it price no gap
+
+
+def test_pipeline_probe_arithmetic_exact():
+    from emulator.calibrate.host import measure_pipeline_wake
+
+    grid = (0.0, 1e-3, 1e-2)
+
+    class Group:  # one transfer per plan: stage 1 recv, stage 0 send
+        def submit_replica_step(self, replica, work, slots, dilation, step_key):
+            return step_key
+
+        def collect(self, key):
+            _, sender_waits, d, _ = key
+            # the side that waits enters d + 0.5 ms (the step boundary) before the other;
+            # the transfer ends 100 us (line) + 20 or 50 us (wake) after the last entry
+            first, last = 1.0, 1.0 + d + 5e-4
+            exit_ = last + 1e-4 + (5e-5 if sender_waits else 2e-5)
+            recs = []
+            for rank, gap in ((0, 4e-6), (1, 6e-6)):  # rank 1's delays 6 us apart
+                waits = (rank == 0) == sender_waits
+                start = np.array([0.0, 1e-4 + gap, 2e-4 + 2 * gap])
+                recs.append(SimpleNamespace(
+                    coll_entry_s=np.array([first if waits else last]),
+                    coll_exit_s=np.array([exit_]), comp_start_s=start,
+                    comp_end_s=start + 1e-4))
+            return recs
+
+    got = measure_pipeline_wake(Group(), lambda op, b: 1e-4, grid_s=grid, num_steps=4)
+    assert got["p2p_idle_grid_s"] == list(grid)
+    assert got["p2p_recv_idle_s"] == pytest.approx([d + 5e-4 for d in grid])
+    assert got["p2p_send_idle_s"] == pytest.approx([d + 5e-4 for d in grid])
+    assert got["p2p_wake_s"] == pytest.approx([2e-5] * 3)
+    assert got["p2p_send_wake_s"] == pytest.approx([5e-5] * 3)
+    assert got["delay_gap_s"] == pytest.approx(5e-6)  # median of 4 and 6 us
+    HostOverhead(**{**HOST.model_dump(), **got})  # a valid pipeline section
 
 
 def test_pipeline_wake_up_curves_per_side():
