@@ -46,6 +46,7 @@ def test_calibrate_then_validate(raw, tmp_path, monkeypatch):
     assert len(host.delay_excess_s) == len(host.delay_grid_s)
     assert len(host.p2p_wake_s) == len(host.p2p_idle_grid_s) == len(host.p2p_send_wake_s) \
         == len(host.p2p_recv_idle_s) == len(host.p2p_send_idle_s)
+    assert host.delay_gap_s > 0.0  # the probe's stages ran delays one after another
 
     trace = tmp_path / "batch.arrow"
     write_trace(synth_trace(num_requests=4, lengths="uniform", arrival="batch",
