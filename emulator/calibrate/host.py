@@ -167,8 +167,7 @@ def with_idle(work: StepWork, dilation: float, idle_s: float, sender_waits: bool
     1's LM-head delay; the step boundary's own costs come on top (the probe measures the
     idle time it got)."""
     first, last = work.stages
-    busy = [float(st.pre_compute_s + st.attn_compute_s.sum() + st.mlp_compute_s.sum()
-                  + st.post_compute_s) * dilation for st in (first, last)]
+    busy = [st.compute_s * dilation for st in (first, last)]
     extra = idle_s - ((busy[1] - busy[0]) if sender_waits else (busy[0] - busy[1]))
     slow_last = sender_waits == (extra >= 0)
     extra = abs(extra) / dilation

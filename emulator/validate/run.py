@@ -67,7 +67,8 @@ def simulate_host(config: RunConfig, profile: CommProfile) -> RunTables:
 
 def probe_bytes(config: RunConfig) -> int:
     """The message size to probe the host with for ``config``: the activations of the run's
-    median step (what its TP all-reduces and pipeline transfers carry), from a simulation
+    median step (lower median by tokens; what its TP all-reduces and pipeline transfers
+    carry), from a simulation
     without host overheads (an offline batch's plans do not depend on timing)."""
     return probe_plan(config)[0]
 
@@ -85,8 +86,8 @@ def probe_plan(config: RunConfig) -> tuple[int, StepWork | None]:
     prefill = steps["num_prefill_tokens"].to_numpy()
     decode = steps["num_decode_tokens"].to_numpy()
     tokens = prefill + decode
-    row = int(np.argsort(tokens, kind="stable")[(tokens.size - 1) // 2])
-    num_bytes = max(1, int(np.median(tokens))) * setup.model.hidden_size * setup.model.dtype_bytes
+    row = int(np.argsort(tokens, kind="stable")[(tokens.size - 1) // 2])  # (lower) median
+    num_bytes = max(1, int(tokens[row])) * setup.model.hidden_size * setup.model.dtype_bytes
     p, d = int(prefill[row]), int(decode[row])
     held = int(steps["kv_blocks_used"].to_numpy()[row]) * config.block_size
     ctx = max(0, held - p) // max(d, 1)
