@@ -121,6 +121,34 @@ def measure_host_overhead(group, line_s, *, num_steps: int = 16,
                         collective_excess_s=coll_excess, wake_s=wake)
 
 
+LINE_ITERS = 40
+"""Iterations per op of the line re-measured around a validation (measure_lines)."""
+
+
+def measure_lines(group, sizes: dict[str, int], line_s, *, num_iters: int = LINE_ITERS,
+                  num_warmup: int = 2) -> dict[str, float]:
+    """Per op in ``sizes``, how many times its line's time the op takes now at that size
+    (bytes as the lines count them): timed as `emulator bench` times it (Worker.
+    bench_sizes: a barrier, then the op, ``max exit - max entry``, median of ``num_iters``)
+    on every rank of ``group``. On a shared host the speed of large messages drifts by
+    tens of percent over minutes and independently of small ones, so a line measured at
+    `calibrate` time misprices the large messages of a run later on (the logits all-gather
+    of a TP run, several MB, which the host probe's messages of the run's activations do
+    not cover)."""
+    from emulator.calibrate.bench import iteration_times
+
+    factors = {}
+    for op, num_bytes in sorted(sizes.items()):
+        per_rank = group.get(
+            [a.bench_sizes.remote(op, [int(num_bytes)], [num_iters], num_warmup)
+             for a in group.actors], group.timeout_s * (num_iters + num_warmup),
+            f"re-measure the {op} line at {num_bytes} B")
+        ranks = [0, 1] if op == "send_recv" else None  # the others only join barriers
+        factors[op] = (float(np.median(iteration_times(per_rank, 0, ranks)))
+                       / line_s(op, num_bytes))
+    return factors
+
+
 def pipeline_work(delay_s: tuple[float, float], num_bytes: int) -> StepWork:
     """A 2-stage plan: stage s waits ``delay_s[s]`` in one layer; stage 0 sends ``num_bytes``
     of activations to stage 1."""

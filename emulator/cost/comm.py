@@ -393,6 +393,17 @@ class CommProfile(BaseModel):
         entries = [e.shifted(shifts_s[e.op]) if e.op in shifts_s else e for e in self.entries]
         return CommProfile(name=name or self.name, entries=entries, host=self.host)
 
+    def lines_scaled(self, factors: dict[str, float], name: str | None = None
+                     ) -> CommProfile:
+        """A profile whose lines of each op in ``factors`` take that many times as long
+        (other ops and the host overheads unchanged): `validate` prices with the lines
+        re-measured at the run's sizes right around the run (calibrate.host.measure_lines)."""
+        bad = {op: f for op, f in factors.items() if not f > 0}
+        if bad:
+            raise ValueError(f"line factors must be > 0, got {bad}")
+        entries = [e.scaled(factors[e.op]) if e.op in factors else e for e in self.entries]
+        return CommProfile(name=name or self.name, entries=entries, host=self.host)
+
     def lookup(self, op: str, group_size: int, placement: str) -> CommEntry:
         """The entry for exactly ``group_size``, else the nearest measured size (ties go to
         the larger group, the more expensive one). Raises ProfileError when the profile has

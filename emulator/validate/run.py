@@ -100,6 +100,18 @@ def probe_plan(config: RunConfig) -> tuple[int, StepWork | None]:
     return num_bytes, setup.cost.step_work(plan)
 
 
+def line_sizes(config: RunConfig, template: StepWork | None) -> dict[str, int]:
+    """The ops whose lines `validate` re-measures around the run (calibrate.host.
+    measure_lines), at the size ``template`` (probe_plan's step) sends them: the logits
+    all-gather of a TP run (gathered output, several MB). The host probe already sends the
+    activations' size (probe_bytes), so the all-reduces and pipeline transfers are priced
+    against overheads measured at their size."""
+    if template is None or config.tp < 2:
+        return {}
+    gathered = template.stages[-1].logits_gather_bytes * config.tp
+    return {"all_gather": int(gathered)} if gathered else {}
+
+
 def probe_drift(before: HostOverhead, after: HostOverhead, line_s: float) -> float:
     """Relative change of a probed collective after 1 ms idle (line + wake-up) from the
     probe before the emulation to the one after: how much the host moved meanwhile."""
@@ -209,7 +221,10 @@ def validate(config: RunConfig, outdir: Path, *, host_probe: bool = True,
     machine's load, which drifts between `calibrate` and `validate` and during the run (on
     the development VM a collective's median moved 2x over tens of seconds, in raw
     torch.distributed too). The report gives both probes and their drift. The collective
-    lines come from the profile; the file is not modified.
+    lines come from the profile (the file is not modified), except those of
+    :func:`line_sizes`: each probe first re-measures them at the run's size, and the report
+    prices with the mean factor of the two (``host_probes.line_factors``): the speed of
+    MB-sized messages drifts apart from that of the run's activations.
 
     ``thermometer`` (with tp > 1): every stage of every step of the emulation also runs one
     all-reduce of the probe size over TP right after its first one (RunConfig.
@@ -226,16 +241,17 @@ def validate(config: RunConfig, outdir: Path, *, host_probe: bool = True,
 
     profile = host_profile(config)
     outdir = Path(outdir)
-    probes: list[HostOverhead] = []
+    probes: list = []  # calibrate.run.HostProbe
     num_bytes, template = probe_plan(config) if host_probe or thermometer else (0, None)
     if thermometer and config.tp > 1:
         config = config.model_copy(update={"thermometer_bytes": num_bytes})
+    sizes = line_sizes(config, template)
 
     def probe() -> None:
         probes.append(probe_host(max(2, config.tp), profile, address=config.address,
                                  timeout_s=config.timeout_s, host_mode=HostMode.of(config),
                                  num_bytes=num_bytes, pipeline_template=template,
-                                 dilation=config.dilation))
+                                 dilation=config.dilation, line_sizes=sizes))
 
     if host_probe:
         probe()
@@ -254,14 +270,23 @@ def validate(config: RunConfig, outdir: Path, *, host_probe: bool = True,
     probed = None
     if host_probe:
         probe()
-        profile = profile.model_copy(update={
-            "host": probes[0].averaged(probes[1]),
-            "name": f"{profile.name} (host overheads: mean of probes before and after)"})
+        before, after = probes
+        factors = {op: (before.line_factors[op] + after.line_factors[op]) / 2
+                   for op in sizes}
+        refreshed = (", lines of " + ", ".join(sorted(factors)) + " re-measured"
+                     if factors else "")
+        profile = profile.lines_scaled(factors).model_copy(update={
+            "host": before.host.averaged(after.host),
+            "name": f"{profile.name} (host overheads{refreshed}: mean of probes before "
+                    "and after)"})
         save_profile(profile, outdir / "host-profile.json")
         line_s = profile.time_s("all_reduce", max(2, config.tp), "intra", num_bytes)
-        probed = {"num_bytes": num_bytes, "before": probes[0].model_dump(),
-                  "after": probes[1].model_dump(),
-                  "drift": probe_drift(probes[0], probes[1], line_s)}
+        probed = {"num_bytes": num_bytes, "before": before.host.model_dump(),
+                  "after": after.host.model_dump(),
+                  "drift": probe_drift(before.host, after.host, line_s),
+                  "line_sizes": sizes,
+                  "line_factors": {"before": before.line_factors,
+                                   "after": after.line_factors, "mean": factors}}
     return report_runs(config, profile, outdir, emu, nodes, probed)
 
 
@@ -297,6 +322,8 @@ def report_runs(config: RunConfig, profile: CommProfile, outdir: Path, emu: RunT
     if probes is not None:
         report["host_probes"] = probes
         report["verdict"] += f"; host drift {probes['drift'] * 100:+.1f}% between the probes"
+        for op, factor in sorted(probes.get("line_factors", {}).get("mean", {}).items()):
+            report["verdict"] += f"; {op} line x{factor:.2f} re-measured around the run"
     write_json_atomic(outdir / "validation.json", report)
     plot_validation(joined, report, outdir / "validation.png")
     return report

@@ -260,3 +260,26 @@ def test_pipeline_probe_runs_the_runs_stage_program_with_the_idle_asked():
         assert recv[0] - recv[1] == pytest.approx(idle)
         assert send[1] - send[0] == pytest.approx(idle)
     assert busy(shape, 2.0) == pytest.approx([1.62e-3, 2.0e-3])  # the shape untouched
+
+
+def test_measure_lines_times_the_op_as_the_benchmark_does():
+    from emulator.calibrate.host import measure_lines
+
+    calls = []
+
+    class Bench:  # rank r enters iteration i at i + r*10 us, leaves at i + 1 ms + i*1 us
+        def __init__(self, rank):
+            self.rank = rank
+            self.bench_sizes = SimpleNamespace(remote=self.remote)
+
+        def remote(self, op, sizes, iters, warmup):
+            calls.append((op, sizes, iters))
+            i = np.arange(iters[0], dtype=float)
+            return [np.stack([i + self.rank * 1e-5, i + 1e-3 + i * 1e-6], axis=1)]
+
+    group = SimpleNamespace(actors=[Bench(0), Bench(1)], timeout_s=1.0,
+                            get=lambda refs, timeout_s, what: refs)
+    got = measure_lines(group, {"all_gather": 4096}, lambda op, b: 5e-4, num_iters=5)
+    # per iteration max exit - max entry = 1 ms + i us - 10 us; median (i = 2) 992 us
+    assert got == {"all_gather": pytest.approx(992e-6 / 5e-4)}
+    assert calls == [("all_gather", [4096], [5])] * 2

@@ -14,7 +14,7 @@ from emulator.config import build_config
 from emulator.cost.profile_io import load_profile
 from emulator.trace.io import write_trace
 from emulator.trace.synth import synth_trace
-from emulator.validate.run import probe_bytes, revalidate, validate
+from emulator.validate.run import probe_bytes, probe_plan, revalidate, validate
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(240)]
 
@@ -77,23 +77,34 @@ def test_calibrate_then_validate(raw, tmp_path, monkeypatch):
     # size; priced with their mean; both and their drift reported (probes stubbed here).
     import emulator.calibrate.run as calibrate_run
 
-    probes = [host, host.model_copy(update={"step_gap_s": 3 * host.step_gap_s})]
+    # The logits all-gather's line is re-measured by each probe at the run's size (the
+    # median step's gathered logits) and priced with the mean factor.
+    probes = [calibrate_run.HostProbe(host, {"all_gather": 0.8}),
+              calibrate_run.HostProbe(host.model_copy(update={"step_gap_s": 3 * host.step_gap_s}),
+                                      {"all_gather": 1.0})]
     calls = []
 
     def fake_probe(world, prof, **kw):
-        calls.append(kw["num_bytes"])
+        calls.append((kw["num_bytes"], kw["line_sizes"]))
         return probes[len(calls) - 1]
 
     monkeypatch.setattr(calibrate_run, "probe_host", fake_probe)
     validate(cfg, tmp_path / "val2")
-    assert calls == [probe_bytes(cfg)] * 2
+    _, template = probe_plan(cfg)
+    gathered = template.stages[-1].logits_gather_bytes * 2
+    assert gathered > 0 and calls == [(probe_bytes(cfg), {"all_gather": gathered})] * 2
     saved = json.loads((tmp_path / "val2" / "validation.json").read_text())
     assert saved["host_probes"]["before"]["step_gap_s"] == host.step_gap_s
     assert saved["host_probes"]["after"]["step_gap_s"] == 3 * host.step_gap_s
     assert saved["host_probes"]["drift"] == 0.0  # wake-up curves equal
-    assert load_profile(tmp_path / "val2" / "host-profile.json").host.step_gap_s == \
-        pytest.approx(2 * host.step_gap_s)
-    assert saved["verdict"].endswith("host drift +0.0% between the probes")
+    assert saved["host_probes"]["line_factors"]["mean"] == {"all_gather": pytest.approx(0.9)}
+    priced = load_profile(tmp_path / "val2" / "host-profile.json")
+    assert priced.host.step_gap_s == pytest.approx(2 * host.step_gap_s)
+    for op, factor in (("all_gather", 0.9), ("all_reduce", 1.0)):
+        assert priced.time_s(op, 2, "intra", gathered) == pytest.approx(
+            factor * profile.time_s(op, 2, "intra", gathered))
+    assert saved["verdict"].endswith("host drift +0.0% between the probes; all_gather line "
+                                     "x0.90 re-measured around the run")
 
     # Re-reported from the same emulation without the thermometer: priced as calibrated
     # (the same errors the report kept beside), host probes kept, no stale re-pricing.

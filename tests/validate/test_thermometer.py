@@ -78,3 +78,18 @@ def test_lines_shifted_moves_every_call_of_the_named_ops_only():
     errors = collective_errors(collective_instances(_collectives()),
                                PROFILE.lines_shifted({"all_reduce": -30e-6}))
     assert errors["collective_median_error_large"] == pytest.approx(-0.2)
+
+
+def test_lines_scaled_multiplies_the_named_ops_lines_only():
+    piece = CommEntry(op="all_gather", group_size=2, placement="intra", alpha_s=10e-6,
+                      beta_s_per_byte=1e-9, pieces=[LinePiece(from_bytes=1000, alpha_s=-50e-6,
+                                                               slope_s_per_byte=1e-7)])
+    prof = CommProfile(name="h", entries=[PROFILE.entries[0], piece])
+    scaled = prof.lines_scaled({"all_gather": 0.5}, name="x")
+    assert scaled.name == "x"
+    assert scaled.time_s("all_gather", 2, "intra", 500) == pytest.approx(0.5 * 10.5e-6)
+    assert scaled.time_s("all_gather", 2, "intra", 2000) == pytest.approx(0.5 * 150e-6)
+    assert scaled.time_s("all_reduce", 2, "intra", 8) == pytest.approx(110e-6)
+    assert prof.lines_scaled({}).entries == prof.entries
+    with pytest.raises(ValueError, match="all_gather"):
+        prof.lines_scaled({"all_gather": 0.0})
