@@ -75,16 +75,6 @@ def iterations_for(num_bytes: int, num_iters: int) -> int:
     return max(3, min(num_iters, int(num_iters * 8 * MIB / max(num_bytes, 1))))
 
 
-def iteration_times(per_rank: list[list[np.ndarray]], j: int,
-                    ranks: Sequence[int] | None = None) -> np.ndarray:
-    """Per iteration of size ``j`` of ``Worker.bench_sizes``' results (one list per rank),
-    ``max(exit) - max(entry)`` over ``ranks`` (default all)."""
-    times = np.stack([r[j] for r in per_rank])  # [ranks, iters, (entry, exit)]
-    if ranks is not None:
-        times = times[list(ranks)]
-    return times[:, :, 1].max(axis=0) - times[:, :, 0].max(axis=0)
-
-
 def run_bench(ops: Sequence[str], sizes: Sequence[int], worlds: Sequence[int], *,
               num_iters: int = 40, num_warmup: int = 2, spread: bool = False,
               address: str | None = None, timeout_s: float = 60.0,
@@ -117,7 +107,8 @@ def run_bench(ops: Sequence[str], sizes: Sequence[int], worlds: Sequence[int], *
                          for a in group.actors], timeout_s * (sum(iters) + num_warmup),
                         f"benchmark {op} over {len(sizes)} sizes")
                     for j, size in enumerate(sizes):
-                        per_iter = iteration_times(per_rank, j, ranks)
+                        times = np.stack([r[j] for r in per_rank])[ranks]  # [ranks, iters, 2]
+                        per_iter = times[:, :, 1].max(axis=0) - times[:, :, 0].max(axis=0)
                         cols["op"] += [op] * iters[j]
                         cols["group_size"] += [n] * iters[j]
                         cols["placement"] += [placement] * iters[j]

@@ -33,6 +33,7 @@ from __future__ import annotations
 import copy
 import tempfile
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -51,13 +52,14 @@ PIPELINE_BUSY_S = 4e-3
 """Host seconds of layers per stage in the pipeline probe at most (pipeline_stages)."""
 
 
-def probe_work(num_layers: int, delay_s: float, num_bytes: int) -> StepWork:
+def probe_work(num_layers: int, delay_s: float, num_bytes: int,
+               gather_bytes: int | None = None) -> StepWork:
     layers = np.arange(num_layers, dtype=np.int64)
     stage = StageWork(stage=0, layer_ids=layers, attn_compute_s=np.full(num_layers, delay_s),
                       mlp_compute_s=np.full(num_layers, delay_s),
                       tp_allreduce_bytes=num_bytes, pre_compute_s=delay_s,
                       embed_allreduce_bytes=num_bytes, post_compute_s=delay_s,
-                      logits_gather_bytes=num_bytes)
+                      logits_gather_bytes=num_bytes if gather_bytes is None else gather_bytes)
     return StepWork(stages=[stage], num_tokens=1, num_sampled_tokens=1)
 
 
@@ -74,20 +76,37 @@ def _segments(recs, delay_s: float, line_s: np.ndarray):
     return seg, crit, transfer, sleep
 
 
+class HostProbe(NamedTuple):
+    """What the host probe measured: the overheads, and per op whose line it re-measured at
+    a run's size, how many times its line's time the op took (``line_factors``)."""
+    host: HostOverhead
+    line_factors: dict[str, float]
+
+
 def measure_host_overhead(group, line_s, *, num_steps: int = 16,
                           grid_s: tuple[float, ...] = DELAY_GRID_S,
-                          num_bytes: int = PROBE_BYTES) -> HostOverhead:
+                          num_bytes: int = PROBE_BYTES,
+                          gather_bytes: int | None = None) -> HostProbe:
     """Run probe steps on ``group`` (a WorkerGroup with layout tp = world) and fit.
     ``line_s(op, num_bytes)``: the benchmark line's time of one op (host seconds; all_gather
-    bytes = gathered output), so excesses are measured against what the simulator prices."""
+    bytes = gathered output), so excesses are measured against what the simulator prices.
+
+    ``gather_bytes`` (a run's logits all-gather per rank): the probe steps end with an
+    all-gather of that size instead of ``num_bytes``, which is kept out of the fit above
+    and gives ``line_factors["all_gather"]``: the median over every probe step of (its
+    transfer - ``wake(d)`` at the step's delay) / its line. On a shared host the speed of
+    MB-sized messages drifts by tens of percent over minutes, apart from that of the run's
+    activations, so the all-gather's line from `calibrate` misprices a run later on; the
+    probe measures it in the step program, spread over the probe's ~15 s."""
     n = group.world_size
+    gather = num_bytes if gather_bytes is None else gather_bytes
     # The probe program: embed all-reduce, 2 per layer, logits all-gather (output n x bytes).
     lines = np.array([line_s("all_reduce", num_bytes)] * (2 * GRID_LAYERS + 1)
-                     + [line_s("all_gather", num_bytes * n)])
+                     + [line_s("all_gather", gather * n)])
     # Round-robin over the grid, one step at a time, so a burst of load from elsewhere on
     # the host spreads over all delay lengths instead of skewing one; per grid point, the
     # median over steps of each step's mean (robust to a burst, unlike a pooled mean).
-    work = {d: probe_work(GRID_LAYERS, d, num_bytes) for d in grid_s}
+    work = {d: probe_work(GRID_LAYERS, d, num_bytes, gather) for d in grid_s}
     parts: dict[float, list] = {d: [] for d in grid_s}
     fixed = []
     for i in range(num_steps + 1):
@@ -100,10 +119,12 @@ def measure_host_overhead(group, line_s, *, num_steps: int = 16,
             # (less the embedding delay), and from leaving the last one to the step's end.
             fixed += [(x.coll_entry_s[0] - x.start_s - d) + (x.end_s - x.coll_exit_s[-1])
                       for x in recs]
-    delay_excess, coll_excess, wake, call = [], [], [], []
+    # With a run's all-gather the last segment and transfer are that op's own.
+    keep = slice(None) if gather_bytes is None else slice(None, -1)
+    delay_excess, coll_excess, wake, call, gathered = [], [], [], [], []
     for d in grid_s:
         seg = np.array([p[0].mean() for p in parts[d]])
-        crit = np.array([p[1].mean() for p in parts[d]])
+        crit = np.array([p[1][keep].mean() for p in parts[d]])
         sleep = np.array([p[3].mean() for p in parts[d]])
         # A segment is the delay's own excess (what a pipeline-only stage, whose delays
         # follow each other, pays too) plus the call into the collective after it.
@@ -112,41 +133,17 @@ def measure_host_overhead(group, line_s, *, num_steps: int = 16,
         coll_excess.append(float(np.median(crit - seg)))
         # Transfer times are heavy-tailed on a VM (p90 several times the median): the
         # median over every instance of every step, not a median of per-step medians.
-        wake.append(float(np.median(np.concatenate([p[2] for p in parts[d]]))))
+        wake.append(float(np.median(np.concatenate([p[2][keep] for p in parts[d]]))))
+        gathered += [lines[-1] + p[2][-1] - wake[-1] for p in parts[d]]
     gap0, gap_per = measure_step_gap(group)
-    return HostOverhead(num_ranks=n, step_gap_s=gap0, step_gap_s_per_collective=gap_per,
+    host = HostOverhead(num_ranks=n, step_gap_s=gap0, step_gap_s_per_collective=gap_per,
                         step_fixed_s=max(0.0, float(np.median(fixed))),
                         collective_call_s=max(0.0, float(np.median(call))),
                         delay_grid_s=list(grid_s), delay_excess_s=delay_excess,
                         collective_excess_s=coll_excess, wake_s=wake)
-
-
-LINE_ITERS = 40
-"""Iterations per op of the line re-measured around a validation (measure_lines)."""
-
-
-def measure_lines(group, sizes: dict[str, int], line_s, *, num_iters: int = LINE_ITERS,
-                  num_warmup: int = 2) -> dict[str, float]:
-    """Per op in ``sizes``, how many times its line's time the op takes now at that size
-    (bytes as the lines count them): timed as `emulator bench` times it (Worker.
-    bench_sizes: a barrier, then the op, ``max exit - max entry``, median of ``num_iters``)
-    on every rank of ``group``. On a shared host the speed of large messages drifts by
-    tens of percent over minutes and independently of small ones, so a line measured at
-    `calibrate` time misprices the large messages of a run later on (the logits all-gather
-    of a TP run, several MB, which the host probe's messages of the run's activations do
-    not cover)."""
-    from emulator.calibrate.bench import iteration_times
-
-    factors = {}
-    for op, num_bytes in sorted(sizes.items()):
-        per_rank = group.get(
-            [a.bench_sizes.remote(op, [int(num_bytes)], [num_iters], num_warmup)
-             for a in group.actors], group.timeout_s * (num_iters + num_warmup),
-            f"re-measure the {op} line at {num_bytes} B")
-        ranks = [0, 1] if op == "send_recv" else None  # the others only join barriers
-        factors[op] = (float(np.median(iteration_times(per_rank, 0, ranks)))
-                       / line_s(op, num_bytes))
-    return factors
+    factors = ({} if gather_bytes is None else
+               {"all_gather": max(0.01, float(np.median(gathered)) / float(lines[-1]))})
+    return HostProbe(host, factors)
 
 
 def pipeline_work(delay_s: tuple[float, float], num_bytes: int) -> StepWork:

@@ -3,65 +3,54 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import NamedTuple
 
 import numpy as np
 import pyarrow as pa
 
 from emulator.calibrate.bench import RAW_SCHEMA, summarize
 from emulator.calibrate.fit import FitPoint, fit_profile
+from emulator.calibrate.host import HostProbe
 from emulator.core.work import StepWork
-from emulator.cost.comm import CommProfile, HostOverhead
+from emulator.cost.comm import CommProfile
 from emulator.cost.profile_io import save_profile
 from emulator.errors import ConfigError
 from emulator.runtime.awake import HostMode
 
 
-class HostProbe(NamedTuple):
-    """What :func:`probe_host` measured: the host overheads (against the lines as
-    re-measured) and, per op it was asked to re-measure, the factor of its line."""
-    host: HostOverhead
-    line_factors: dict[str, float]
-
-
 def probe_host(world: int, profile: CommProfile, *, address: str | None = None,
                timeout_s: float = 60.0, host_mode: HostMode = HostMode(),
                num_bytes: int | None = None, pipeline_template: StepWork | None = None,
-               dilation: float = 1.0, line_sizes: dict[str, int] | None = None) -> HostProbe:
+               dilation: float = 1.0, gather_bytes: int | None = None) -> HostProbe:
     """Start ``world`` workers (TP over all of them) and measure the host overheads against
     ``profile``'s lines, with the ranks waiting as an emulation in ``host_mode`` waits (the
     overheads differ a lot between modes), with messages of ``num_bytes`` (default
     calibrate.host.PROBE_BYTES; the wake-up after an idle time grows with the message).
     Pipeline transfers are probed with the stages running ``pipeline_template``'s program
     at ``dilation`` (a step of the run to be priced; calibrate.host.pipeline_stages), or a
-    single delay each without one. ``line_sizes`` (op -> bytes): first re-measure those
-    ops' lines at those sizes (calibrate.host.measure_lines); the overheads are then
-    measured against the lines scaled by the factors found."""
-    from emulator.calibrate.host import (PROBE_BYTES, measure_host_overhead, measure_lines,
+    single delay each without one. ``gather_bytes`` (a run's logits all-gather per rank):
+    the probe steps' all-gather has that size, and its line is re-measured
+    (``HostProbe.line_factors``; calibrate.host.measure_host_overhead)."""
+    from emulator.calibrate.host import (PROBE_BYTES, measure_host_overhead,
                                          measure_pipeline_wake)
     from emulator.runtime.cluster import WorkerGroup
     from emulator.runtime.ray_setup import start_ray
     from emulator.specs import ParallelLayout
 
-    factors: dict[str, float] = {}
-
     def line_s(op, num_bytes):
-        return (profile.time_s(op, world if op != "send_recv" else 2, "intra", num_bytes)
-                * factors.get(op, 1.0))
+        return profile.time_s(op, world if op != "send_recv" else 2, "intra", num_bytes)
 
     with start_ray(address):
         with WorkerGroup(ParallelLayout(tp=world), backend="gloo", timeout_s=timeout_s) as g:
             g.set_host_mode(host_mode)
-            if line_sizes:
-                factors.update(measure_lines(g, line_sizes, line_s))
-            host = measure_host_overhead(g, line_s, num_bytes=num_bytes or PROBE_BYTES)
+            probe = measure_host_overhead(g, line_s, num_bytes=num_bytes or PROBE_BYTES,
+                                          gather_bytes=gather_bytes)
         if not any(e.op == "send_recv" for e in profile.entries):
-            return HostProbe(host, factors)
+            return probe
         with WorkerGroup(ParallelLayout(pp=2), backend="gloo", timeout_s=timeout_s) as g:
             g.set_host_mode(host_mode)
             pipeline = measure_pipeline_wake(g, line_s, num_bytes=num_bytes or PROBE_BYTES,
                                              template=pipeline_template, dilation=dilation)
-        return HostProbe(host.model_copy(update=pipeline), factors)
+        return probe._replace(host=probe.host.model_copy(update=pipeline))
 
 
 def calibrate(raw: pa.Table, *, name: str, host_probe: bool = True,

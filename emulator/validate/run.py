@@ -100,16 +100,15 @@ def probe_plan(config: RunConfig) -> tuple[int, StepWork | None]:
     return num_bytes, setup.cost.step_work(plan)
 
 
-def line_sizes(config: RunConfig, template: StepWork | None) -> dict[str, int]:
-    """The ops whose lines `validate` re-measures around the run (calibrate.host.
-    measure_lines), at the size ``template`` (probe_plan's step) sends them: the logits
-    all-gather of a TP run (gathered output, several MB). The host probe already sends the
-    activations' size (probe_bytes), so the all-reduces and pipeline transfers are priced
-    against overheads measured at their size."""
+def gather_bytes(config: RunConfig, template: StepWork | None) -> int | None:
+    """The logits all-gather (bytes per rank) of ``template`` (probe_plan's step) in a TP
+    run, which the host probe re-measures (calibrate.host.measure_host_overhead), else None:
+    the probe's other messages have the activations' size (probe_bytes), so the
+    all-reduces and pipeline transfers are priced against overheads measured at their size,
+    but the logits are several MB."""
     if template is None or config.tp < 2:
-        return {}
-    gathered = template.stages[-1].logits_gather_bytes * config.tp
-    return {"all_gather": int(gathered)} if gathered else {}
+        return None
+    return int(template.stages[-1].logits_gather_bytes) or None
 
 
 def probe_drift(before: HostOverhead, after: HostOverhead, line_s: float) -> float:
@@ -221,10 +220,10 @@ def validate(config: RunConfig, outdir: Path, *, host_probe: bool = True,
     machine's load, which drifts between `calibrate` and `validate` and during the run (on
     the development VM a collective's median moved 2x over tens of seconds, in raw
     torch.distributed too). The report gives both probes and their drift. The collective
-    lines come from the profile (the file is not modified), except those of
-    :func:`line_sizes`: each probe first re-measures them at the run's size, and the report
-    prices with the mean factor of the two (``host_probes.line_factors``): the speed of
-    MB-sized messages drifts apart from that of the run's activations.
+    lines come from the profile (the file is not modified), except the logits all-gather's
+    (:func:`gather_bytes`): each probe re-measures it at the run's size in its steps, and
+    the report prices with the mean factor of the two (``host_probes.line_factors``): the
+    speed of MB-sized messages drifts apart from that of the run's activations.
 
     ``thermometer`` (with tp > 1): every stage of every step of the emulation also runs one
     all-reduce of the probe size over TP right after its first one (RunConfig.
@@ -245,13 +244,13 @@ def validate(config: RunConfig, outdir: Path, *, host_probe: bool = True,
     num_bytes, template = probe_plan(config) if host_probe or thermometer else (0, None)
     if thermometer and config.tp > 1:
         config = config.model_copy(update={"thermometer_bytes": num_bytes})
-    sizes = line_sizes(config, template)
+    gather = gather_bytes(config, template)
 
     def probe() -> None:
         probes.append(probe_host(max(2, config.tp), profile, address=config.address,
                                  timeout_s=config.timeout_s, host_mode=HostMode.of(config),
                                  num_bytes=num_bytes, pipeline_template=template,
-                                 dilation=config.dilation, line_sizes=sizes))
+                                 dilation=config.dilation, gather_bytes=gather))
 
     if host_probe:
         probe()
@@ -272,7 +271,7 @@ def validate(config: RunConfig, outdir: Path, *, host_probe: bool = True,
         probe()
         before, after = probes
         factors = {op: (before.line_factors[op] + after.line_factors[op]) / 2
-                   for op in sizes}
+                   for op in before.line_factors}
         refreshed = (", lines of " + ", ".join(sorted(factors)) + " re-measured"
                      if factors else "")
         profile = profile.lines_scaled(factors).model_copy(update={
@@ -284,7 +283,7 @@ def validate(config: RunConfig, outdir: Path, *, host_probe: bool = True,
         probed = {"num_bytes": num_bytes, "before": before.host.model_dump(),
                   "after": after.host.model_dump(),
                   "drift": probe_drift(before.host, after.host, line_s),
-                  "line_sizes": sizes,
+                  "gather_bytes": gather,
                   "line_factors": {"before": before.line_factors,
                                    "after": after.line_factors, "mean": factors}}
     return report_runs(config, profile, outdir, emu, nodes, probed)

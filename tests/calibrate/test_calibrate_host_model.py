@@ -262,24 +262,39 @@ def test_pipeline_probe_runs_the_runs_stage_program_with_the_idle_asked():
     assert busy(shape, 2.0) == pytest.approx([1.62e-3, 2.0e-3])  # the shape untouched
 
 
-def test_measure_lines_times_the_op_as_the_benchmark_does():
-    from emulator.calibrate.host import measure_lines
+def test_probe_re_measures_the_runs_all_gather_apart_from_the_overheads(monkeypatch):
+    import emulator.calibrate.host as host_mod
 
-    calls = []
+    monkeypatch.setattr(host_mod, "measure_step_gap", lambda group: (1e-3, 0.0))
+    line_ar, line_ag = 100e-6, 2e-3
 
-    class Bench:  # rank r enters iteration i at i + r*10 us, leaves at i + 1 ms + i*1 us
-        def __init__(self, rank):
-            self.rank = rank
-            self.bench_sizes = SimpleNamespace(remote=self.remote)
+    class Group:  # 17 all-reduces, then the all-gather: 10 us slower than back to back
+        world_size = 2
 
-        def remote(self, op, sizes, iters, warmup):
-            calls.append((op, sizes, iters))
-            i = np.arange(iters[0], dtype=float)
-            return [np.stack([i + self.rank * 1e-5, i + 1e-3 + i * 1e-6], axis=1)]
+        def run_replica_step(self, replica, work, slots, dilation, step_key):
+            st = work.stages[0]
+            d = float(st.attn_compute_s[0])
+            durs = [line_ar + 1e-5] * 17 + [1.2 * line_ag + 1e-5]  # the all-gather 1.2x
+            assert st.logits_gather_bytes == 4096 and st.tp_allreduce_bytes == 64
+            t, entry, exit_, comp = 0.0, [], [], []
+            for dur in durs:
+                comp.append((t, t + d))
+                entry.append(t + d)
+                exit_.append(t + d + dur)
+                t = exit_[-1]
+            c = np.array(comp)
+            return [SimpleNamespace(coll_entry_s=np.array(entry), coll_exit_s=np.array(exit_),
+                                    comp_start_s=c[:, 0], comp_end_s=c[:, 1], start_s=0.0,
+                                    end_s=t)] * 2
 
-    group = SimpleNamespace(actors=[Bench(0), Bench(1)], timeout_s=1.0,
-                            get=lambda refs, timeout_s, what: refs)
-    got = measure_lines(group, {"all_gather": 4096}, lambda op, b: 5e-4, num_iters=5)
-    # per iteration max exit - max entry = 1 ms + i us - 10 us; median (i = 2) 992 us
-    assert got == {"all_gather": pytest.approx(992e-6 / 5e-4)}
-    assert calls == [("all_gather", [4096], [5])] * 2
+    def line_s(op, num_bytes):
+        assert num_bytes == (64 if op == "all_reduce" else 2 * 4096)
+        return line_ar if op == "all_reduce" else line_ag
+
+    grid = (0.0, 1e-3)
+    got = host_mod.measure_host_overhead(Group(), line_s, num_steps=3, grid_s=grid,
+                                         num_bytes=64, gather_bytes=4096)
+    assert got.line_factors == {"all_gather": pytest.approx(1.2)}
+    assert got.host.wake_s == pytest.approx([1e-5] * 2)  # the all-gather kept out
+    assert got.host.collective_excess_s == pytest.approx([1e-5] * 2)
+    assert got.host.step_gap_s == 1e-3

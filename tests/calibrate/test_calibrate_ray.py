@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from emulator.calibrate.bench import run_bench, summarize
+from emulator.calibrate.host import HostProbe
 from emulator.calibrate.run import calibrate
 from emulator.config import build_config
 from emulator.cost.profile_io import load_profile
@@ -78,21 +79,21 @@ def test_calibrate_then_validate(raw, tmp_path, monkeypatch):
     import emulator.calibrate.run as calibrate_run
 
     # The logits all-gather's line is re-measured by each probe at the run's size (the
-    # median step's gathered logits) and priced with the mean factor.
-    probes = [calibrate_run.HostProbe(host, {"all_gather": 0.8}),
-              calibrate_run.HostProbe(host.model_copy(update={"step_gap_s": 3 * host.step_gap_s}),
-                                      {"all_gather": 1.0})]
+    # median step's logits) and priced with the mean factor.
+    probes = [HostProbe(host, {"all_gather": 0.8}),
+              HostProbe(host.model_copy(update={"step_gap_s": 3 * host.step_gap_s}),
+                        {"all_gather": 1.0})]
     calls = []
 
     def fake_probe(world, prof, **kw):
-        calls.append((kw["num_bytes"], kw["line_sizes"]))
+        calls.append((kw["num_bytes"], kw["gather_bytes"]))
         return probes[len(calls) - 1]
 
     monkeypatch.setattr(calibrate_run, "probe_host", fake_probe)
     validate(cfg, tmp_path / "val2")
-    _, template = probe_plan(cfg)
-    gathered = template.stages[-1].logits_gather_bytes * 2
-    assert gathered > 0 and calls == [(probe_bytes(cfg), {"all_gather": gathered})] * 2
+    shard = probe_plan(cfg)[1].stages[-1].logits_gather_bytes
+    gathered = 2 * shard
+    assert shard > 0 and calls == [(probe_bytes(cfg), shard)] * 2
     saved = json.loads((tmp_path / "val2" / "validation.json").read_text())
     assert saved["host_probes"]["before"]["step_gap_s"] == host.step_gap_s
     assert saved["host_probes"]["after"]["step_gap_s"] == 3 * host.step_gap_s
