@@ -86,7 +86,8 @@ class HostProbe(NamedTuple):
 def measure_host_overhead(group, line_s, *, num_steps: int = 16,
                           grid_s: tuple[float, ...] = DELAY_GRID_S,
                           num_bytes: int = PROBE_BYTES,
-                          gather_bytes: int | None = None) -> HostProbe:
+                          gather_bytes: int | None = None,
+                          gap_model: tuple[str, str] = ("tiny", "h100")) -> HostProbe:
     """Run probe steps on ``group`` (a WorkerGroup with layout tp = world) and fit.
     ``line_s(op, num_bytes)``: the benchmark line's time of one op (host seconds; all_gather
     bytes = gathered output), so excesses are measured against what the simulator prices.
@@ -97,7 +98,9 @@ def measure_host_overhead(group, line_s, *, num_steps: int = 16,
     transfer - ``wake(d)`` at the step's delay) / its line. On a shared host the speed of
     MB-sized messages drifts by tens of percent over minutes, apart from that of the run's
     activations, so the all-gather's line from `calibrate` misprices a run later on; the
-    probe measures it in the step program, spread over the probe's ~15 s."""
+    probe measures it in the step program, spread over the probe's ~15 s.
+
+    ``gap_model``: (model, hardware) of the step-gap probe (:func:`measure_step_gap`)."""
     n = group.world_size
     gather = num_bytes if gather_bytes is None else gather_bytes
     # The probe program: embed all-reduce, 2 per layer, logits all-gather (output n x bytes).
@@ -135,7 +138,7 @@ def measure_host_overhead(group, line_s, *, num_steps: int = 16,
         # median over every instance of every step, not a median of per-step medians.
         wake.append(float(np.median(np.concatenate([p[2][keep] for p in parts[d]]))))
         gathered += [lines[-1] + p[2][-1] - wake[-1] for p in parts[d]]
-    gap0, gap_per = measure_step_gap(group)
+    gap0, gap_per = measure_step_gap(group, model=gap_model[0], hardware=gap_model[1])
     host = HostOverhead(num_ranks=n, step_gap_s=gap0, step_gap_s_per_collective=gap_per,
                         step_fixed_s=max(0.0, float(np.median(fixed))),
                         collective_call_s=max(0.0, float(np.median(call))),
@@ -261,14 +264,20 @@ def measure_pipeline_wake(group, line_s, num_bytes: int = PROBE_BYTES,
             "delay_gap_s": max(0.0, float(np.median(gaps))) if gaps else 0.0}
 
 
-def measure_step_gap(group, layers: tuple[int, ...] = GAP_LAYERS) -> tuple[float, float]:
+def measure_step_gap(group, layers: tuple[int, ...] = GAP_LAYERS,
+                     model: str = "tiny", hardware: str = "h100") -> tuple[float, float]:
     """(step_gap_s, step_gap_s_per_collective): the real emulation loop (executor.Emulation:
-    scheduling, KV frees, record keeping) on a small offline batch of the 'tiny' model with
-    ``layers`` decoder layers, at dilation 1 (delays of microseconds); the gap between
-    consecutive steps against the collective records each step ships back."""
+    scheduling, KV frees, record keeping) on a small offline batch of ``model`` (on
+    ``hardware``; the 'tiny' model when that one cannot be laid out over the group) with
+    ``layers`` decoder layers, at dilation 1; the gap between consecutive steps against the
+    collective records each step ships back. The model matters: adjacent in time on the
+    development VM, the tiny model's steps were 6.6-7.1 ms apart and llama-3.1-8b's 4.3-4.8
+    ms, as in a real llama-3.1-8b TP=2 run (4.2-4.3 ms; docs/results-validation.md, repeat
+    9), so `validate` probes with the run's model."""
     from emulator.build import build_run
     from emulator.config import build_config
     from emulator.cost import CostModel
+    from emulator.errors import UserError
     from emulator.runtime.executor import Emulation
     from emulator.trace.io import write_trace
     from emulator.trace.synth import synth_trace
@@ -279,9 +288,14 @@ def measure_step_gap(group, layers: tuple[int, ...] = GAP_LAYERS) -> tuple[float
         write_trace(synth_trace(num_requests=4, lengths="fixed", arrival="batch",
                                 prompt_tokens=16, output_tokens=16, seed=0), path)
         for num_layers in layers:
-            cfg = build_config(trace=path, model="tiny", tp=group.world_size, dilation=1.0,
-                               memory_scale=1e-3, timeout_s=group.timeout_s)
-            setup = build_run(cfg, record_slots=True)
+            kw = dict(trace=path, tp=group.world_size, dilation=1.0, memory_scale=1e-3,
+                      timeout_s=group.timeout_s)
+            try:
+                cfg = build_config(model=model, hardware=hardware, **kw)
+                setup = build_run(cfg, record_slots=True)
+            except UserError:  # e.g. a model that needs more ranks than the group has
+                cfg = build_config(model="tiny", **kw)
+                setup = build_run(cfg, record_slots=True)
             setup.model = setup.model.model_copy(update={"num_layers": num_layers})
             setup.cost = CostModel(setup.model, setup.hardware, setup.layout)
             emu = Emulation(setup, group)

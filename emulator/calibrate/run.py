@@ -20,7 +20,8 @@ from emulator.runtime.awake import HostMode
 def probe_host(world: int, profile: CommProfile, *, address: str | None = None,
                timeout_s: float = 60.0, host_mode: HostMode = HostMode(),
                num_bytes: int | None = None, pipeline_template: StepWork | None = None,
-               dilation: float = 1.0, gather_bytes: int | None = None) -> HostProbe:
+               dilation: float = 1.0, gather_bytes: int | None = None,
+               gap_model: tuple[str, str] = ("tiny", "h100")) -> HostProbe:
     """Start ``world`` workers (TP over all of them) and measure the host overheads against
     ``profile``'s lines, with the ranks waiting as an emulation in ``host_mode`` waits (the
     overheads differ a lot between modes), with messages of ``num_bytes`` (default
@@ -29,7 +30,8 @@ def probe_host(world: int, profile: CommProfile, *, address: str | None = None,
     at ``dilation`` (a step of the run to be priced; calibrate.host.pipeline_stages), or a
     single delay each without one. ``gather_bytes`` (a run's logits all-gather per rank):
     the probe steps' all-gather has that size, and its line is re-measured
-    (``HostProbe.line_factors``; calibrate.host.measure_host_overhead)."""
+    (``HostProbe.line_factors``; calibrate.host.measure_host_overhead). ``gap_model``:
+    (model, hardware) of the run whose gap between steps is probed."""
     from emulator.calibrate.host import (PROBE_BYTES, measure_host_overhead,
                                          measure_pipeline_wake)
     from emulator.runtime.cluster import WorkerGroup
@@ -43,7 +45,7 @@ def probe_host(world: int, profile: CommProfile, *, address: str | None = None,
         with WorkerGroup(ParallelLayout(tp=world), backend="gloo", timeout_s=timeout_s) as g:
             g.set_host_mode(host_mode)
             probe = measure_host_overhead(g, line_s, num_bytes=num_bytes or PROBE_BYTES,
-                                          gather_bytes=gather_bytes)
+                                          gather_bytes=gather_bytes, gap_model=gap_model)
         if not any(e.op == "send_recv" for e in profile.entries):
             return probe
         with WorkerGroup(ParallelLayout(pp=2), backend="gloo", timeout_s=timeout_s) as g:

@@ -250,7 +250,8 @@ def validate(config: RunConfig, outdir: Path, *, host_probe: bool = True,
         probes.append(probe_host(max(2, config.tp), profile, address=config.address,
                                  timeout_s=config.timeout_s, host_mode=HostMode.of(config),
                                  num_bytes=num_bytes, pipeline_template=template,
-                                 dilation=config.dilation, gather_bytes=gather))
+                                 dilation=config.dilation, gather_bytes=gather,
+                                 gap_model=(config.model, config.hardware)))
 
     if host_probe:
         probe()

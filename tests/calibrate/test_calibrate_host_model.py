@@ -265,7 +265,7 @@ def test_pipeline_probe_runs_the_runs_stage_program_with_the_idle_asked():
 def test_probe_re_measures_the_runs_all_gather_apart_from_the_overheads(monkeypatch):
     import emulator.calibrate.host as host_mod
 
-    monkeypatch.setattr(host_mod, "measure_step_gap", lambda group: (1e-3, 0.0))
+    monkeypatch.setattr(host_mod, "measure_step_gap", lambda group, **kw: (1e-3, 0.0))
     line_ar, line_ag = 100e-6, 2e-3
 
     class Group:  # 17 all-reduces, then the all-gather: 10 us slower than back to back
@@ -298,3 +298,35 @@ def test_probe_re_measures_the_runs_all_gather_apart_from_the_overheads(monkeypa
     assert got.host.wake_s == pytest.approx([1e-5] * 2)  # the all-gather kept out
     assert got.host.collective_excess_s == pytest.approx([1e-5] * 2)
     assert got.host.step_gap_s == 1e-3
+
+
+def test_step_gap_probe_runs_the_given_model_or_the_tiny_one(monkeypatch):
+    import emulator.runtime.executor as executor
+    from emulator.calibrate.host import measure_step_gap
+
+    ran = []
+
+    class Emulation:  # steps 1 ms long; gap 2 ms + 10 us per collective row
+        def __init__(self, setup, group):
+            self.setup = setup
+
+        def allocate(self):
+            pass
+
+        def run(self):
+            ran.append((self.setup.model.name, self.setup.model.num_layers))
+
+        def tables(self):
+            rows = 2 * (2 * self.setup.model.num_layers + 2)
+            start = np.arange(5) * (1e-3 + 2e-3 + rows * 1e-5)
+            steps = {"start_s": SimpleNamespace(to_numpy=lambda: start),
+                     "end_s": SimpleNamespace(to_numpy=lambda: start + 1e-3)}
+            return SimpleNamespace(steps=steps)
+
+    monkeypatch.setattr(executor, "Emulation", Emulation)
+    group = SimpleNamespace(world_size=2, timeout_s=5.0)
+    assert measure_step_gap(group, model="llama-3.1-8b") == pytest.approx((2e-3, 1e-5))
+    assert ran == [("llama-3.1-8b", 4), ("llama-3.1-8b", 32)]
+    ran.clear()
+    measure_step_gap(group, model="llama-3.1-405b")  # needs more than 2 ranks: tiny
+    assert [name for name, _ in ran] == ["tiny", "tiny"]

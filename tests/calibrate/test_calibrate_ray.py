@@ -87,6 +87,7 @@ def test_calibrate_then_validate(raw, tmp_path, monkeypatch):
 
     def fake_probe(world, prof, **kw):
         calls.append((kw["num_bytes"], kw["gather_bytes"]))
+        assert kw["gap_model"] == (cfg.model, cfg.hardware)
         return probes[len(calls) - 1]
 
     monkeypatch.setattr(calibrate_run, "probe_host", fake_probe)
