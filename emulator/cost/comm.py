@@ -396,8 +396,9 @@ class CommProfile(BaseModel):
     def lines_scaled(self, factors: dict[str, float], name: str | None = None
                      ) -> CommProfile:
         """A profile whose lines of each op in ``factors`` take that many times as long
-        (other ops and the host overheads unchanged): `validate` prices with the lines
-        re-measured at the run's sizes right around the run (calibrate.host.measure_lines)."""
+        (other ops and the host overheads unchanged): `validate` prices the logits
+        all-gather with the factor its host probes measured at the run's size around the run
+        (calibrate.host.measure_host_overhead)."""
         bad = {op: f for op, f in factors.items() if not f > 0}
         if bad:
             raise ValueError(f"line factors must be > 0, got {bad}")

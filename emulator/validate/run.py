@@ -22,7 +22,7 @@ import numpy as np
 
 from emulator.atomic import write_json_atomic
 from emulator.build import build_run
-from emulator.calibrate.host import PROBE_BYTES
+from emulator.calibrate.host import PROBE_BYTES, HostProbe
 from emulator.config import RunConfig
 from emulator.core.plan import BatchPlan
 from emulator.core.work import StepWork
@@ -240,7 +240,7 @@ def validate(config: RunConfig, outdir: Path, *, host_probe: bool = True,
 
     profile = host_profile(config)
     outdir = Path(outdir)
-    probes: list = []  # calibrate.run.HostProbe
+    probes: list[HostProbe] = []
     num_bytes, template = probe_plan(config) if host_probe or thermometer else (0, None)
     if thermometer and config.tp > 1:
         config = config.model_copy(update={"thermometer_bytes": num_bytes})
