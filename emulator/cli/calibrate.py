@@ -161,8 +161,10 @@ def calibrate(output, from_bench, no_host_probe, name, line_only, **kw):
               help="Output directory: emulate/, simulate/ (simulate-thermometer/), "
               "validation.json, validation.png.")
 @click.option("--host-probe/--no-host-probe", default=True, show_default=True,
-              help="Re-measure the host overheads just before emulating (they follow the "
-              "machine's load); the collective lines always come from --comm-profile.")
+              help="Re-measure the host overheads just before and just after emulating "
+              "(they follow the machine's load) and price with their mean; the collective "
+              "lines come from --comm-profile, except that with TP the logits all-gather's "
+              "is scaled by what the two probes measured at the run's size.")
 @click.option("--thermometer/--no-thermometer", default=True, show_default=True,
               help="With TP: add one back-to-back probe all-reduce per stage and step and "
               "price the group collectives with the speed they measured; the as-calibrated "

@@ -180,7 +180,8 @@ def revalidate(outdir: Path, comm_profile: Path | None = None, *,
     emulate/ run is read back, not re-run) with ``comm_profile``, else the profile the
     validation used (``host-profile.json`` when the host was re-probed). Without
     ``thermometer`` the report is priced as calibrated even where the run has probes; the
-    host probes of the earlier report are kept."""
+    host probes of the earlier report are kept (with another profile they are reported,
+    not priced: ``line_factors_applied`` is false)."""
     from emulator.metrics.io import read_run
 
     outdir = Path(outdir)
@@ -189,8 +190,12 @@ def revalidate(outdir: Path, comm_profile: Path | None = None, *,
               if previous.exists() else None)
     run = read_run(outdir / "emulate")
     config = RunConfig.model_validate(run.summary["config"])
-    if comm_profile is None and (outdir / "host-profile.json").exists():
-        comm_profile = outdir / "host-profile.json"
+    own = outdir / "host-profile.json"  # the validation's own: the probes priced in it
+    if comm_profile is None and own.exists():
+        comm_profile = own
+    elif (comm_profile is not None and probes is not None
+          and Path(comm_profile).resolve() != own.resolve()):
+        probes = {**probes, "line_factors_applied": False}
     if comm_profile is not None:
         config = config.model_copy(update={"comm_profile": Path(comm_profile)})
     emu = RunTables(requests=run.requests, steps=run.steps, collectives=run.collectives)
@@ -322,7 +327,9 @@ def report_runs(config: RunConfig, profile: CommProfile, outdir: Path, emu: RunT
     if probes is not None:
         report["host_probes"] = probes
         report["verdict"] += f"; host drift {probes['drift'] * 100:+.1f}% between the probes"
-        for op, factor in sorted(probes.get("line_factors", {}).get("mean", {}).items()):
+        factors = (probes.get("line_factors", {}).get("mean", {})
+                   if probes.get("line_factors_applied", True) else {})
+        for op, factor in sorted(factors.items()):
             report["verdict"] += f"; {op} line x{factor:.2f} re-measured around the run"
     write_json_atomic(outdir / "validation.json", report)
     plot_validation(joined, report, outdir / "validation.png")

@@ -118,3 +118,10 @@ def test_calibrate_then_validate(raw, tmp_path, monkeypatch):
     assert not (tmp_path / "val2" / "simulate-thermometer").exists()
     assert json.loads((tmp_path / "val2" / "validation.json").read_text())["verdict"] \
         == again["verdict"]
+    assert again["verdict"].endswith("all_gather line x0.90 re-measured around the run")
+    # Re-reported with the calibrated profile: the probes are reported, not priced, and the
+    # verdict does not claim the re-measured line.
+    other = revalidate(tmp_path / "val2", path, thermometer=False)
+    assert other["host_probes"]["line_factors_applied"] is False
+    assert other["host_probes"]["line_factors"] == saved["host_probes"]["line_factors"]
+    assert "re-measured" not in other["verdict"]
