@@ -58,7 +58,10 @@ class RunConfig(BaseModel):
     keep_awake: Literal["auto", "on", "off"] = Field(
         "auto", description="Run one idle-priority (SCHED_IDLE) spinner per CPU on each node while the workers live, so idle virtual CPUs do not add milliseconds of wake-up to every collective; auto: on with the gloo backend.")
     rank_priority: Literal["auto", "realtime", "normal"] = Field(
-        "auto", description="CPU priority of the ranks' threads: realtime (SCHED_FIFO 1: a rank that wakes preempts the driver and Ray's daemons at once, instead of waiting up to a time slice; needs slept delays and root or an rtprio limit), normal, or auto (realtime on the gloo backend when delays are slept and it is permitted).")
+        "auto", description="CPU priority of the ranks' threads: realtime (SCHED_FIFO 2: a rank that wakes preempts the driver and Ray's daemons at once, instead of waiting up to a time slice; needs slept delays and root or an rtprio limit), normal, or auto (realtime on the gloo backend when delays are slept and it is permitted).")
+
+    driver_priority: Literal["auto", "realtime", "normal"] = Field(
+        "auto", description="CPU priority of the driver's threads while the workers live: realtime (SCHED_FIFO 1, one below the ranks: its work between steps is not held up by Ray's daemons, and a rank that wakes still preempts it; needs root or an rtprio limit), normal, or auto (realtime when a rank on the driver's host runs at real-time priority).")
 
     thermometer_bytes: int = Field(0, ge=0, description="Thermometer probes (set by `validate`): in every step a back-to-back all-reduce of this many bytes after each stage's first TP all-reduce (tp > 1 only), measuring the host's collective speed during the run; the simulator prices it too. 0 = none.")
     pin_ranks: Literal["auto", "on", "off"] = Field(

@@ -43,13 +43,16 @@ def _bench_options(func):
         click.option("--pin-ranks", type=click.Choice(["auto", "on", "off"]), default="auto",
                      show_default=True, help="Pin each rank to a CPU of its own while "
                      "measuring (as `emulate --pin-ranks`)."),
+        click.option("--driver-priority", type=click.Choice(["auto", "realtime", "normal"]),
+                     default="auto", show_default=True, help="CPU priority of the driver "
+                     "while measuring (as `emulate --driver-priority`)."),
     ]):
         func = opt(func)
     return func
 
 
 def _run_bench(ops, min_bytes, max_bytes, world, iters, quick, spread, address, keep_awake,
-               rank_priority, pin_ranks):
+               rank_priority, pin_ranks, driver_priority):
     from emulator.calibrate.bench import parse_size, run_bench, sizes_between
 
     if quick:
@@ -61,7 +64,8 @@ def _run_bench(ops, min_bytes, max_bytes, world, iters, quick, spread, address, 
     return run_bench([o.strip() for o in ops.split(",")], sizes, worlds, num_iters=iters,
                      spread=spread, address=address,
                      host_mode=HostMode(keep_awake=keep_awake, rank_priority=rank_priority,
-                                        pin_ranks=pin_ranks),
+                                        pin_ranks=pin_ranks,
+                                        driver_priority=driver_priority),
                      on_row=lambda op, n, b, t: console.print(
                          f"  {op:<10} n={n} {b:>10} B {format_seconds(t)}", highlight=False))
 
@@ -123,12 +127,13 @@ def calibrate(output, from_bench, no_host_probe, name, line_only, **kw):
         raw = _run_bench(**{k: kw[k] for k in ("ops", "min_bytes", "max_bytes", "world",
                                                "iters", "quick", "spread", "address",
                                                "keep_awake", "rank_priority",
-                                               "pin_ranks")})
+                                               "pin_ranks", "driver_priority")})
     profile, points = run(raw, name=name or socket.gethostname(),
                           host_probe=not no_host_probe, address=kw["address"], output=output,
                           host_mode=HostMode(keep_awake=kw["keep_awake"],
                                              rank_priority=kw["rank_priority"],
-                                             pin_ranks=kw["pin_ranks"]),
+                                             pin_ranks=kw["pin_ranks"],
+                                             driver_priority=kw["driver_priority"]),
                           measured_curve=not line_only)
     table = Table(title=f"fit of {profile.name}: alpha + bytes x (beta + gamma)")
     for col in ("op", "ranks", "place", "alpha", "beta (ns/B)", "gamma (ns/B)",

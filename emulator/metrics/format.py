@@ -70,6 +70,10 @@ def summary_table(summary: Mapping[str, Any], *, title: str | None = None) -> Ta
     if modes:
         table.add_section()
         table.add_row("ranks wait", host_mode_text(modes))
+        control = (summary.get("extra") or {}).get("control") or {}
+        if "driver_realtime" in control:
+            table.add_row("driver", "real-time priority" if control["driver_realtime"]
+                          else "normal priority")
     return table
 
 

@@ -20,7 +20,7 @@ when it wakes. With more runnable processes than CPUs (the driver, Ray's daemons
 other ranks on a 2-core host at a small dilation) the scheduler lets a woken rank wait until
 the running process's time slice ends: measured on the development VM, pipeline transfers
 at dilation 1 took 0.25-1.4 ms (median, per run) instead of ~0.1 ms, and the median varied
-5x between repeats. A rank at real-time priority (``SCHED_FIFO``, the lowest level; see
+5x between repeats. A rank at real-time priority (``SCHED_FIFO`` 2, one above the driver's; see
 :func:`set_realtime`) preempts normal processes the moment it wakes: in the same runs the
 wake-up costs the host probe measures fell to zero and the transfers to ~0.2 ms. It also
 wakes from a sleep on time (timer slack is 0 for real-time threads: sleep overshoot 23-31
@@ -61,6 +61,17 @@ while os.getppid() == parent:
     for _ in range(100000):
         pass
 """
+
+
+RANK_RT_PRIORITY = 2
+"""``SCHED_FIFO`` level of real-time ranks: above the driver's, so that a rank that wakes for
+a transfer preempts a real-time driver busy with another micro-batch. At the same level it
+waited: on the development VM, PP=2 at dilation 1 with ranks and driver both at 1 moved its
+pipeline transfers from 0.17-0.28 ms (median per run; driver at normal priority) to
+0.63-0.94 ms, with the ranks at 2 they took 0.18-0.35 ms (docs/results-validation.md,
+repeat 10)."""
+DRIVER_RT_PRIORITY = 1
+"""``SCHED_FIFO`` level of a real-time driver (:class:`DriverPriority`)."""
 
 
 def _affinity() -> list[int]:
@@ -106,12 +117,14 @@ class HostMode:
     """auto, realtime, normal (:func:`wants_realtime`)."""
     pin_ranks: str = "auto"
     """auto, on, off (:func:`wants_pinned`)."""
+    driver_priority: str = "auto"
+    """auto, realtime, normal (:func:`wants_driver_realtime`)."""
 
     @classmethod
     def of(cls, config) -> "HostMode":
-        """The host mode of a RunConfig (or anything with the four attributes)."""
+        """The host mode of a RunConfig (or anything with its five attributes)."""
         return cls(config.delay_mode, config.keep_awake, config.rank_priority,
-                   config.pin_ranks)
+                   config.pin_ranks, config.driver_priority)
 
 
 def wants_pinned(mode: str, backend: str, ranks_on_node: int, cpus: int) -> bool:
@@ -136,10 +149,68 @@ def wants_realtime(mode: str, backend: str, sleeps: bool, allowed: bool) -> bool
                              "starve every other process on its CPU")
         if not allowed:
             raise ValueError("rank priority realtime is not permitted here (needs root, "
-                             "CAP_SYS_NICE or an rtprio limit >= 1, see `ulimit -r`); "
+                             f"CAP_SYS_NICE or an rtprio limit >= {RANK_RT_PRIORITY}, see "
+                             "`ulimit -r`); "
                              "use auto or normal")
         return True
     return mode == "auto" and backend == "gloo" and sleeps and allowed
+
+
+def wants_driver_realtime(mode: str, ranks_realtime_here: bool, allowed: bool) -> bool:
+    """Whether the driver's threads run at real-time priority while its workers live.
+    ``realtime`` needs the permission (``allowed``), else raises; ``auto`` is realtime when
+    a rank on the driver's host runs at real-time priority (``ranks_realtime_here``) and it
+    is permitted; ``normal`` never. A driver at normal priority shares the CPUs with Ray's
+    daemons between steps, and at small dilations its work between a micro-batch's steps
+    is as long as the steps. On the 2-vCPU development VM, over seven interleaved pairs of
+    PP=2 llama-3.1-8b runs at dilation 1 (ranks at SCHED_FIFO 2), the driver's busy time
+    averaged 0.29 s at real-time priority against 0.40 s at normal, and the run 0.68 s
+    against 0.76 s; two of the seven pairs went the other way, as the host's speed moves
+    between runs (docs/results-validation.md, repeat 10)."""
+    if mode not in ("auto", "realtime", "normal"):
+        raise ValueError(f"driver priority must be auto, realtime or normal, got {mode!r}")
+    if mode == "realtime" and not allowed:
+        raise ValueError("driver priority realtime is not permitted here (needs root, "
+                         "CAP_SYS_NICE or an rtprio limit >= 1, see `ulimit -r`); use auto "
+                         "or normal")
+    return mode == "realtime" or (mode == "auto" and ranks_realtime_here and allowed)
+
+
+class DriverPriority:
+    """Real-time priority of this process (the driver; ``SCHED_FIFO`` DRIVER_RT_PRIORITY,
+    below the ranks') while at least one holder wants it:
+    :meth:`hold` / :meth:`release` are counted, so nested worker groups (a host probe inside
+    a run) leave it as the outermost one set it. A process that already ran at a real-time
+    policy when first held is left as it was."""
+
+    _lock = threading.Lock()
+    _holds = 0
+    _switched = False
+
+    @classmethod
+    def hold(cls) -> None:
+        with cls._lock:
+            if cls._holds == 0:
+                policy = os.sched_getscheduler(0) & ~getattr(os, "SCHED_RESET_ON_FORK", 0)
+                already = policy in (os.SCHED_FIFO, os.SCHED_RR)
+                cls._switched = not already
+                if cls._switched:
+                    set_realtime(True, DRIVER_RT_PRIORITY)
+            cls._holds += 1
+
+    @classmethod
+    def release(cls) -> None:
+        with cls._lock:
+            if cls._holds == 0:
+                raise RuntimeError("DriverPriority.release without a hold")
+            cls._holds -= 1
+            if cls._holds == 0 and cls._switched:
+                set_realtime(False)
+                cls._switched = False
+
+    @classmethod
+    def holds(cls) -> int:
+        return cls._holds
 
 
 @dataclass(frozen=True)
@@ -174,16 +245,17 @@ def decide(mode: HostMode, backend: str, ranks_on_node: int, cpus: int,
     return HostWaits(awake, REALTIME_SPIN_S if realtime else spin_s, realtime, slot)
 
 
-def realtime_allowed() -> bool:
-    """Whether this process may switch its threads to ``SCHED_FIFO`` (tried on a child
-    thread, so the caller's own policy is untouched)."""
+def realtime_allowed(priority: int | None = None) -> bool:
+    """Whether this process may switch its threads to ``SCHED_FIFO`` at ``priority`` (default
+    the ranks' level; tried on a child thread, so the caller's own policy is untouched)."""
+    level = RANK_RT_PRIORITY if priority is None else priority
     if not hasattr(os, "SCHED_FIFO"):
         return False
     result: list[bool] = []
 
     def probe() -> None:
         try:
-            os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(1))
+            os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(level))
             result.append(True)
         except OSError:
             result.append(False)
@@ -194,12 +266,13 @@ def realtime_allowed() -> bool:
     return result[0]
 
 
-def set_realtime(on: bool) -> int:
+def set_realtime(on: bool, priority: int | None = None) -> int:
     """Put every thread of this process (the caller's, gloo's and Ray's) at the lowest
-    real-time priority (``SCHED_FIFO`` 1, reset on fork so spawned children run normally),
-    or back to normal; threads started later inherit it from the thread that starts them.
-    Returns how many threads were switched."""
-    policy, param = ((os.SCHED_FIFO | os.SCHED_RESET_ON_FORK, os.sched_param(1)) if on
+    real-time priority (``SCHED_FIFO`` at ``priority``, default RANK_RT_PRIORITY; reset on
+    fork so spawned children run normally), or back to normal; threads started later
+    inherit it from the thread that starts them. Returns how many threads were switched."""
+    level = RANK_RT_PRIORITY if priority is None else priority
+    policy, param = ((os.SCHED_FIFO | os.SCHED_RESET_ON_FORK, os.sched_param(level)) if on
                      else (os.SCHED_OTHER, os.sched_param(0)))
     switched = 0
     for tid in os.listdir("/proc/self/task"):

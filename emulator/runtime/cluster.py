@@ -29,7 +29,8 @@ from ray.exceptions import (GetTimeoutError, OutOfMemoryError, RayActorError, Ra
 
 from emulator.core.work import StepWork
 from emulator.errors import RunError
-from emulator.runtime.awake import HostMode
+from emulator.runtime.awake import (DRIVER_RT_PRIORITY, DriverPriority, HostMode,
+                                    realtime_allowed, wants_driver_realtime)
 from emulator.runtime.diagnose import describe_stuck
 from emulator.runtime.groups import stage_ranks, world_size_of
 from emulator.runtime.ray_setup import LOCAL_HOST, LayoutLike, Placement, alive_nodes, placement
@@ -96,6 +97,8 @@ class WorkerGroup:
         """replica -> driver time by which its in-flight steps' compute should be done."""
         self._open: list[PendingStep] = []
         """Submitted steps not yet fully collected (their errors are drained at the end)."""
+        self.driver_realtime = False
+        """Whether this group holds the driver at real-time priority (set_host_mode)."""
         try:
             self._start(use_placement_groups, cpus_per_rank, placement_timeout_s,
                         socket_ifname)
@@ -232,12 +235,24 @@ class WorkerGroup:
     def set_host_mode(self, mode: HostMode = HostMode()) -> list[dict]:
         """How every rank waits (Worker.set_host_mode): delays spun or slept, the node's
         idle-priority spinners (one per CPU, shared out among the ranks on each node), and
-        the ranks' CPU priority."""
+        the ranks' CPU priority; and the driver's priority while the group lives
+        (awake.wants_driver_realtime: by default real-time when a rank on its host is;
+        ``driver_realtime``)."""
         nodes = self.node_of_rank()
-        return self.get([a.set_host_mode.remote(mode, nodes[:r].count(nodes[r]),
-                                                nodes.count(nodes[r]))
-                         for r, a in enumerate(self.actors)],
-                        self.timeout_s, "set the host mode")
+        reports = self.get([a.set_host_mode.remote(mode, nodes[:r].count(nodes[r]),
+                                                   nodes.count(nodes[r]))
+                            for r, a in enumerate(self.actors)],
+                           self.timeout_s, "set the host mode")
+        driver_ip = ray.util.get_node_ip_address()
+        here = any(rep["realtime"] for ip, rep in zip(self._node_ips, reports)
+                   if ip == driver_ip)
+        allowed = (mode.driver_priority != "normal"
+                   and realtime_allowed(DRIVER_RT_PRIORITY))
+        want = wants_driver_realtime(mode.driver_priority, here, allowed)
+        if want != self.driver_realtime:
+            (DriverPriority.hold if want else DriverPriority.release)()
+            self.driver_realtime = want
+        return reports
 
     # -- memory ---------------------------------------------------------------------------
     def allocate(self, weight_shapes: list[tuple[int, ...]], kv_num_blocks: int,
@@ -382,7 +397,11 @@ class WorkerGroup:
 
     # -- teardown -------------------------------------------------------------------------
     def teardown(self) -> None:
-        """Destroy process groups (best effort), kill the actors, release the placement."""
+        """Destroy process groups (best effort), kill the actors, release the placement
+        and the driver's real-time priority."""
+        if self.driver_realtime:
+            DriverPriority.release()
+            self.driver_realtime = False
         if self.actors:
             refs = [a.teardown.remote() for a in self.actors]
             ray.wait(refs, num_returns=len(refs), timeout=TEARDOWN_WAIT_S)

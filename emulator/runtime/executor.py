@@ -353,7 +353,8 @@ class Emulation:
         extra["control"] = {"wall_s": wall_s, "num_steps": st.num_steps,
                             "driver_busy_s": st.schedule_s, "idle_s": st.idle_s,
                             "checkpoint_s": st.checkpoint_s,
-                            "num_checkpoints": st.num_checkpoints}
+                            "num_checkpoints": st.num_checkpoints,
+                            "driver_realtime": self.group.driver_realtime}
         extra["host_mode"] = self.host_mode
         moe = self.__dict__.get("moe_records")
         return RunTables(requests=request_table(self.requests).to_table(),

@@ -93,7 +93,8 @@ def test_config_refuses_realtime_with_spun_delays(tmp_path):
 def test_set_realtime_switches_every_thread_and_children_start_normal():
     import threading
 
-    from emulator.runtime.awake import realtime_allowed, set_realtime
+    from emulator.runtime.awake import (DRIVER_RT_PRIORITY, RANK_RT_PRIORITY,
+                                        realtime_allowed, set_realtime)
 
     if not realtime_allowed():
         pytest.skip("SCHED_FIFO is not permitted here")
@@ -105,6 +106,9 @@ def test_set_realtime_switches_every_thread_and_children_start_normal():
         tids = [int(t) for t in os.listdir("/proc/self/task")]
         assert set_realtime(True) >= 2
         assert {policy(t) for t in tids} == {os.SCHED_FIFO}
+        # the ranks' level, one above a real-time driver's
+        assert {os.sched_getparam(t).sched_priority for t in tids} == {RANK_RT_PRIORITY}
+        assert RANK_RT_PRIORITY == DRIVER_RT_PRIORITY + 1
         child = subprocess.run([sys.executable, "-c", "import os; print(os.sched_getscheduler(0))"],
                                capture_output=True, text=True, timeout=30, check=True)
         assert int(child.stdout) == os.SCHED_OTHER  # reset on fork
@@ -114,6 +118,64 @@ def test_set_realtime_switches_every_thread_and_children_start_normal():
         other.join()
     assert {policy(t) for t in tids if os.path.exists(f"/proc/self/task/{t}")} == {
         os.SCHED_OTHER}
+
+
+def test_driver_realtime_follows_the_ranks_on_its_host_and_permission():
+    from emulator.runtime.awake import wants_driver_realtime
+
+    assert wants_driver_realtime("auto", ranks_realtime_here=True, allowed=True)
+    assert not wants_driver_realtime("auto", ranks_realtime_here=False, allowed=True)
+    assert not wants_driver_realtime("auto", ranks_realtime_here=True, allowed=False)
+    assert not wants_driver_realtime("normal", ranks_realtime_here=True, allowed=True)
+    assert wants_driver_realtime("realtime", ranks_realtime_here=False, allowed=True)
+    with pytest.raises(ValueError, match="driver priority realtime is not permitted"):
+        wants_driver_realtime("realtime", ranks_realtime_here=True, allowed=False)
+    with pytest.raises(ValueError, match="auto, realtime or normal"):
+        wants_driver_realtime("high", ranks_realtime_here=True, allowed=True)
+
+
+def test_driver_priority_is_counted_and_leaves_a_realtime_process_alone(monkeypatch):
+    from emulator.runtime import awake
+    from emulator.runtime.awake import DriverPriority
+
+    calls = []
+    monkeypatch.setattr(awake, "set_realtime",
+                        lambda on, priority=None: calls.append((on, priority)) or 1)
+    monkeypatch.setattr(awake.os, "sched_getscheduler", lambda pid: awake.os.SCHED_OTHER)
+    DriverPriority.hold()
+    DriverPriority.hold()  # a probe's group inside a run's
+    DriverPriority.release()
+    assert calls == [(True, 1)] and DriverPriority.holds() == 1
+    DriverPriority.release()
+    assert calls == [(True, 1), (False, None)] and DriverPriority.holds() == 0
+    with pytest.raises(RuntimeError, match="without a hold"):
+        DriverPriority.release()
+    # started under chrt -f: neither raised nor lowered
+    monkeypatch.setattr(awake.os, "sched_getscheduler",
+                        lambda pid: awake.os.SCHED_FIFO | awake.os.SCHED_RESET_ON_FORK)
+    DriverPriority.hold()
+    DriverPriority.release()
+    assert calls == [(True, 1), (False, None)]
+
+
+def test_worker_group_teardown_releases_the_driver(monkeypatch):
+    from emulator.runtime import awake
+    from emulator.runtime.awake import DriverPriority
+    from emulator.runtime.cluster import WorkerGroup
+
+    calls = []
+    monkeypatch.setattr(awake, "set_realtime",
+                        lambda on, priority=None: calls.append((on, priority)) or 1)
+    monkeypatch.setattr(awake.os, "sched_getscheduler", lambda pid: awake.os.SCHED_OTHER)
+    group = WorkerGroup.__new__(WorkerGroup)  # no actors: only the driver's priority
+    group.actors, group._placement, group._open = [], None, []
+    group.driver_realtime = True
+    DriverPriority.hold()
+    group.teardown()
+    assert calls == [(True, 1), (False, None)] and DriverPriority.holds() == 0
+    assert not group.driver_realtime
+    group.teardown()  # twice: nothing left to release
+    assert DriverPriority.holds() == 0
 
 
 def test_decide_combines_spinners_delays_and_priority():

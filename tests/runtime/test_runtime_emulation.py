@@ -20,7 +20,8 @@ import ray
 from emulator.build import build_run
 from emulator.config import build_config
 from emulator.errors import RunError
-from emulator.runtime.awake import cpus_available, realtime_allowed, spinners_for
+from emulator.runtime.awake import (DRIVER_RT_PRIORITY, DriverPriority, HostMode,
+                                    cpus_available, realtime_allowed, spinners_for)
 from emulator.runtime.cluster import WorkerGroup
 from emulator.runtime.delay import REALTIME_SPIN_S, SPIN_S
 from emulator.runtime.executor import Emulation
@@ -104,6 +105,11 @@ def test_tp2_plans_equal_simulator_and_collectives_are_exact(batch_trace, tp2_gr
         {"spin_s": REALTIME_SPIN_S if rt else SPIN_S, "realtime": rt,
          "spinners": spinners_for(i, 2, cpus_available()),
          "cpu": cpus[i] if len(cpus) > 2 else None} for i in range(2)]
+    # ... and so does the driver while the group lives (it shares their host)
+    assert tables.extra["control"]["driver_realtime"] == rt == tp2_group.driver_realtime
+    policy = os.sched_getscheduler(0) & ~getattr(os, "SCHED_RESET_ON_FORK", 0)
+    assert policy == (os.SCHED_FIFO if rt else os.SCHED_OTHER)
+    assert os.sched_getparam(0).sched_priority == (DRIVER_RT_PRIORITY if rt else 0)
     sim = simulate(_setup(batch_trace, tp=2))
     assert _steps(tables.steps) == _steps(sim.steps)
     assert not np.isnan(tables.requests["finish_s"].to_numpy()).any()
@@ -159,8 +165,16 @@ class SlowDriver(Emulation):
 
 def test_pp2_sends_activations_stage_to_stage(batch_trace, ray_local):
     setup = _setup(batch_trace, pp=2)
+    rt = realtime_allowed()
+    held = DriverPriority.holds()  # another group of this module may hold the driver too
     with WorkerGroup(setup.layout, backend="gloo", timeout_s=5.0) as group:
-        _, tables = _run(setup, group)
+        # the driver's priority is a setting of its own: normal here, the ranks real-time
+        group.set_host_mode(HostMode(driver_priority="normal"))
+        assert not group.driver_realtime and DriverPriority.holds() == held
+        _, tables = _run(setup, group)  # allocate() sets the run's mode (auto)
+        assert group.driver_realtime == rt and DriverPriority.holds() == held + rt
+    assert DriverPriority.holds() == held  # released at teardown
+    assert tables.extra["control"]["driver_realtime"] == rt
     col = tables.collectives
     op = col["op"].to_numpy(zero_copy_only=False)
     steps = tables.steps
