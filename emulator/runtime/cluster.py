@@ -290,9 +290,12 @@ class WorkerGroup:
     # -- steps ----------------------------------------------------------------------------
     def submit_replica_step(self, replica: int, step_work: StepWork,
                             slot_ids: np.ndarray | None, dilation: float,
-                            step_key: object = None) -> PendingStep:
+                            step_key: object = None,
+                            freed_blocks: tuple[np.ndarray, int] | None = None) -> PendingStep:
         """Start one plan on every rank of DP replica ``replica`` (stage s ranks run
-        ``step_work.stages[s]``); returns at once."""
+        ``step_work.stages[s]``); returns at once. ``freed_blocks``: (block ids,
+        kv_block_size_tokens) the KV manager freed since the replica's previous plan; every
+        rank releases them (as :meth:`free_kv_blocks`) before it runs the plan."""
         stages = stage_ranks(self.layout, replica)
         if len(step_work.stages) != len(stages):
             raise ValueError(f"StepWork has {len(step_work.stages)} stages, layout has "
@@ -305,7 +308,8 @@ class WorkerGroup:
             # per-argument serialization costs more than the whole payload.
             payload = pickle.dumps((key, step_work.stages[s], slot_ids, dilation,
                                     step_work.num_tokens, step_work.num_sampled_tokens,
-                                    recv_bytes), protocol=pickle.HIGHEST_PROTOCOL)
+                                    recv_bytes, freed_blocks),
+                                   protocol=pickle.HIGHEST_PROTOCOL)
             for rank in stage_rank_list:
                 ranks.append(rank)
                 refs.append(self.actors[rank].run_step_packed.remote(payload))

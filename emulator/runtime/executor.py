@@ -177,23 +177,31 @@ class Emulation:
             if plan is None:
                 return
             slots.pop(0)
-            self._release_freed_blocks(r)
+            freed = self._freed_blocks(r)
             req = self.requests
             idx = plan.request_index
             work = self.setup.cost.step_work(
                 plan, prompt_tokens=req.prompt_tokens[idx] + req.num_output_tokens[idx])
-            pending = self.group.submit_replica_step(r, work, plan.new_slot_ids, self.dilation,
-                                                     step_key=(plan.step, plan.micro_batch))
+            pending = self.group.submit_replica_step(
+                r, work, plan.new_slot_ids, self.dilation,
+                step_key=(plan.step, plan.micro_batch),
+                freed_blocks=None if freed is None else (freed, self.setup.config.block_size))
             self._inflight.append(_InFlight(plan, pending, sched.kv_blocks_used))
 
-    def _release_freed_blocks(self, r: int) -> None:
-        """Tell the replica's ranks which blocks the KV manager freed since the last call.
-        Fire-and-forget: actor calls run in submission order, so the frees land before the
-        next step's writes without costing a round trip."""
+    def _freed_blocks(self, r: int) -> np.ndarray | None:
+        """The blocks of replica ``r`` the KV manager freed since the last call (None if
+        none). They travel with the replica's next plan (WorkerGroup.submit_replica_step's
+        ``freed_blocks``), so they are released before its writes at no extra call."""
         used = self.schedulers[r].kv.pool.ref_cnt > 0
         freed = np.flatnonzero(self._used[r] & ~used)
         self._used[r] = used
-        if freed.size:
+        return freed if freed.size else None
+
+    def _release_freed_blocks(self, r: int) -> None:
+        """Tell the replica's ranks which blocks were freed after its last plan (at the end
+        of the run). Fire-and-forget: actor calls run in submission order."""
+        freed = self._freed_blocks(r)
+        if freed is not None:
             bs = self.setup.config.block_size
             for rank in self._replica_ranks(r):
                 self.group.actors[rank].free_kv_blocks.remote(freed, bs)

@@ -100,6 +100,12 @@ def test_kv_rows_in_use_equal_slots_written(tp2_pp2):
     assert tp2_pp2.kv_rows_in_use() == [10, 10, 10, 10]
     tp2_pp2.free_kv_blocks(0, np.array([5]), kv_block_size_tokens=block_size)  # 20..23
     assert tp2_pp2.kv_rows_in_use() == [6, 6, 6, 6]
+    # frees that ride with a plan are released before it writes: block 2 (8..11) goes,
+    # 24..29 come
+    tp2_pp2.collect(tp2_pp2.submit_replica_step(
+        0, work, np.arange(24, 30), 1.0, step_key=4,
+        freed_blocks=(np.array([2]), block_size)))
+    assert tp2_pp2.kv_rows_in_use() == [8, 8, 8, 8]
 
 
 def test_clock_offset_on_one_host_is_within_half_a_round_trip(tp2_pp2):

@@ -173,6 +173,8 @@ def test_pp2_sends_activations_stage_to_stage(batch_trace, ray_local):
         assert not group.driver_realtime and DriverPriority.holds() == held
         _, tables = _run(setup, group)  # allocate() sets the run's mode (auto)
         assert group.driver_realtime == rt and DriverPriority.holds() == held + rt
+        # every block freed on the way (with the plans) and at the end: no row in use
+        assert group.kv_rows_in_use() == [0, 0]
     assert DriverPriority.holds() == held  # released at teardown
     assert tables.extra["control"]["driver_realtime"] == rt
     col = tables.collectives
