@@ -274,6 +274,22 @@ def measure_step_gap(group, layers: tuple[int, ...] = GAP_LAYERS,
     development VM, the tiny model's steps were 6.6-7.1 ms apart and llama-3.1-8b's 4.3-4.8
     ms, as in a real llama-3.1-8b TP=2 run (4.2-4.3 ms; docs/results-validation.md, repeat
     9), so `validate` probes with the run's model."""
+    gaps, rows = [], []
+    for num_layers in layers:
+        steps = _probe_run(group, model, hardware, num_requests=4, prompt_tokens=16,
+                           output_tokens=16, num_layers=num_layers, tp=group.world_size).steps
+        start, end = steps["start_s"].to_numpy(), steps["end_s"].to_numpy()
+        gaps += (start[1:] - end[:-1]).tolist()
+        rows += [group.world_size * (2 * num_layers + 2)] * (len(start) - 1)
+    return _line(np.array(rows, dtype=np.float64), np.array(gaps))
+
+
+def _probe_run(group, model: str, hardware: str, *, num_requests: int, prompt_tokens: int,
+               output_tokens: int, num_layers: int | None = None, **layout):
+    """The tables (RunTables) of the emulation loop (executor.Emulation) on ``group`` at
+    dilation 1: an offline batch of ``num_requests`` fixed-length requests of ``model`` on
+    ``hardware`` (the 'tiny' model when that one cannot be laid out as ``layout`` says),
+    with ``num_layers`` decoder layers if given."""
     from emulator.build import build_run
     from emulator.config import build_config
     from emulator.cost import CostModel
@@ -282,30 +298,86 @@ def measure_step_gap(group, layers: tuple[int, ...] = GAP_LAYERS,
     from emulator.trace.io import write_trace
     from emulator.trace.synth import synth_trace
 
-    gaps, rows = [], []
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "probe.arrow"
-        write_trace(synth_trace(num_requests=4, lengths="fixed", arrival="batch",
-                                prompt_tokens=16, output_tokens=16, seed=0), path)
-        for num_layers in layers:
-            kw = dict(trace=path, tp=group.world_size, dilation=1.0, memory_scale=1e-3,
-                      timeout_s=group.timeout_s)
-            try:
-                cfg = build_config(model=model, hardware=hardware, **kw)
-                setup = build_run(cfg, record_slots=True)
-            except UserError:  # e.g. a model that needs more ranks than the group has
-                cfg = build_config(model="tiny", **kw)
-                setup = build_run(cfg, record_slots=True)
+        write_trace(synth_trace(num_requests=num_requests, lengths="fixed", arrival="batch",
+                                prompt_tokens=prompt_tokens, output_tokens=output_tokens,
+                                seed=0), path)
+        kw = dict(trace=path, dilation=1.0, memory_scale=1e-3, timeout_s=group.timeout_s,
+                  **layout)
+        try:
+            setup = build_run(build_config(model=model, hardware=hardware, **kw),
+                              record_slots=True)
+        except UserError:  # e.g. a model that needs more ranks than the group has
+            setup = build_run(build_config(model="tiny", **kw), record_slots=True)
+        if num_layers is not None:
             setup.model = setup.model.model_copy(update={"num_layers": num_layers})
             setup.cost = CostModel(setup.model, setup.hardware, setup.layout)
-            emu = Emulation(setup, group)
-            emu.allocate()
-            emu.run()
-            steps = emu.tables().steps
-            start, end = steps["start_s"].to_numpy(), steps["end_s"].to_numpy()
-            gaps += (start[1:] - end[:-1]).tolist()
-            rows += [group.world_size * (2 * num_layers + 2)] * (len(start) - 1)
-    return _line(np.array(rows, dtype=np.float64), np.array(gaps))
+        emu = Emulation(setup, group)
+        emu.allocate()
+        emu.run()
+        return emu.tables()
+
+
+QUEUED_START_S = 3e-4
+"""A stage that starts within this of its previous step's end took the plan from its actor's
+queue: the plan had arrived before the stage was free (measure_pipeline_gap)."""
+
+
+def measure_pipeline_gap(group, model: str = "tiny", hardware: str = "h100",
+                         num_requests: int = 32) -> tuple[float, float]:
+    """(round trip, driver busy per step): the driver's round trip between a micro-batch's
+    steps in a pipeline, and the driver's own work per step meanwhile (host seconds):
+    the real emulation loop on ``group`` (a WorkerGroup with layout pp = world) running an
+    offline batch of ``num_requests`` of ``model`` (the 'tiny' model when that one cannot
+    be laid out over the group), at dilation 1, with a plan per stage in flight (prompts
+    of 64 tokens, 32 output tokens each). Per micro-batch and step, stage 0's start minus
+    the last stage's end of the micro-batch's previous step, unless the start waited for
+    stage 0 (:func:`pipeline_round_trips`, which the simulator models itself); the mean
+    over those. The driver's busy time per step (executor.ControlStats: scheduling, pricing,
+    submitting, record keeping) is the probe's speed of the driver: the round trip follows
+    it from run to run (HostOverhead.step_gap_driver_s).
+
+    The driver handles one micro-batch's completion while the stages run the others, so
+    its round trip is not that of a loop with idle ranks: on the development VM, with the
+    driver at real-time priority, a PP=2 llama-3.1-8b run at dilation 1 had round trips of
+    4.4-4.6 ms (median per run) where the TP probe (:func:`measure_step_gap`) said
+    3.1-3.5 ms (docs/results-validation.md, repeat 10)."""
+    tables = _probe_run(group, model, hardware, num_requests=num_requests, prompt_tokens=64,
+                        output_tokens=32, pp=group.world_size)
+    steps, control = tables.steps, tables.extra["control"]
+    gap = float(np.mean(pipeline_round_trips(
+        *(steps[c].to_numpy() for c in ("micro_batch", "step", "stage", "start_s", "end_s")))))
+    return gap, control["driver_busy_s"] / max(1, control["num_steps"])
+
+
+def pipeline_round_trips(micro_batch: np.ndarray, step: np.ndarray, stage: np.ndarray,
+                         start_s: np.ndarray, end_s: np.ndarray) -> np.ndarray:
+    """Per consecutive pair of a micro-batch's steps (step rows: one per stage), stage 0's
+    start of the later minus the last stage's end of the earlier, except where the later
+    started within QUEUED_START_S of stage 0's previous end (of any micro-batch) after the
+    earlier had ended: that plan waited in the queue for stage 0, so its start says only
+    that the round trip was shorter. Raises ValueError when no pair is left."""
+    last = stage.max()
+    first = stage == 0
+    s0_start, s0_end = start_s[first], end_s[first]
+    out = []
+    for mb in np.unique(micro_batch):
+        head = np.flatnonzero(first & (micro_batch == mb))
+        tail = np.flatnonzero((stage == last) & (micro_batch == mb))
+        head = head[np.argsort(step[head])]
+        tail = tail[np.argsort(step[tail])]
+        for prev, nxt in zip(tail[:-1], head[1:]):
+            formed, started = end_s[prev], start_s[nxt]
+            # stage 0's latest end before this start (its previous step, any micro-batch)
+            before = s0_end[s0_start < started]
+            if before.size and formed < before.max() > started - QUEUED_START_S:
+                continue  # the plan waited for stage 0
+            out.append(started - formed)
+    if not out:
+        raise ValueError("every step of the pipeline waited for stage 0: no round trip to "
+                         "measure")
+    return np.array(out)
 
 
 def _line(x: np.ndarray, y: np.ndarray) -> tuple[float, float]:

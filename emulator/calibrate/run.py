@@ -21,7 +21,8 @@ def probe_host(world: int, profile: CommProfile, *, address: str | None = None,
                timeout_s: float = 60.0, host_mode: HostMode = HostMode(),
                num_bytes: int | None = None, pipeline_template: StepWork | None = None,
                dilation: float = 1.0, gather_bytes: int | None = None,
-               gap_model: tuple[str, str] = ("tiny", "h100")) -> HostProbe:
+               gap_model: tuple[str, str] = ("tiny", "h100"),
+               pipeline_gap: bool = False) -> HostProbe:
     """Start ``world`` workers (TP over all of them) and measure the host overheads against
     ``profile``'s lines, with the ranks waiting as an emulation in ``host_mode`` waits (the
     overheads differ a lot between modes), with messages of ``num_bytes`` (default
@@ -31,9 +32,12 @@ def probe_host(world: int, profile: CommProfile, *, address: str | None = None,
     single delay each without one. ``gather_bytes`` (a run's logits all-gather per rank):
     the probe steps' all-gather has that size, and its line is re-measured
     (``HostProbe.line_factors``; calibrate.host.measure_host_overhead). ``gap_model``:
-    (model, hardware) of the run whose gap between steps is probed."""
+    (model, hardware) of the run whose gap between steps is probed. ``pipeline_gap`` (a
+    run with PP): the gap is the round trip between a micro-batch's steps in the 2-stage
+    group instead (calibrate.host.measure_pipeline_gap), the per-collective slope still
+    the TP probe's."""
     from emulator.calibrate.host import (PROBE_BYTES, measure_host_overhead,
-                                         measure_pipeline_wake)
+                                         measure_pipeline_gap, measure_pipeline_wake)
     from emulator.runtime.cluster import WorkerGroup
     from emulator.runtime.ray_setup import start_ray
     from emulator.specs import ParallelLayout
@@ -52,6 +56,9 @@ def probe_host(world: int, profile: CommProfile, *, address: str | None = None,
             g.set_host_mode(host_mode)
             pipeline = measure_pipeline_wake(g, line_s, num_bytes=num_bytes or PROBE_BYTES,
                                              template=pipeline_template, dilation=dilation)
+            if pipeline_gap:
+                pipeline["step_gap_s"], pipeline["step_gap_driver_s"] = \
+                    measure_pipeline_gap(g, *gap_model)
         return probe._replace(host=probe.host.model_copy(update=pipeline))
 
 

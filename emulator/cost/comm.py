@@ -181,6 +181,11 @@ class HostOverhead(BaseModel):
     step_gap_s_per_collective: float = Field(
         default=0.0, ge=0.0, description="Extra gap per collective record the ranks ship "
         "back (serialization and record keeping on the driver).")
+    step_gap_driver_s: float | None = Field(
+        default=None, ge=0.0, description="The driver's busy time per step (scheduling, "
+        "pricing, submitting, record keeping: executor.ControlStats) while the probe of "
+        "step_gap_s ran, host seconds; `validate` scales step_gap_s by a run's own over it "
+        "(the driver's speed during the run). None: not measured.")
     step_fixed_s: float = Field(
         ge=0.0, description="Time inside one rank's step outside delays and collectives.")
     delay_grid_s: list[float] = Field(

@@ -24,7 +24,8 @@ high), so bias shows; headlines and the verdict use magnitudes.
   the mean straggler wait is reported beside.
 - Thermometer: probe instances (layer -2, StageWork.probe_bytes) are not validated; their
   median against its prediction gives the shift per call that `validate` re-prices the
-  group collectives with (:func:`read_thermometer`).
+  group collectives with (:func:`read_thermometer`). The driver's busy time per step in the
+  run against the gap probe's scales the gap between steps (:func:`driver_thermometer`).
 - Requests: TTFT, TPOT and E2E at p50 and p90; the drain time (last finish - first arrival).
 """
 
@@ -204,6 +205,23 @@ def thermometer_shifts(probes: dict[str, Any], scale: float = 1.0) -> dict[str, 
     profile's host seconds)."""
     return {op: probes[probe]["shift_s"] * scale for probe, ops in THERMOMETER_OPS.items()
             if probe in probes for op in ops}
+
+
+def driver_thermometer(control: dict[str, Any] | None, host) -> dict[str, float] | None:
+    """How fast the driver worked during the run against the probe of the gap between
+    steps: ``factor`` = the run's driver busy time per step (``control``: the emulation's
+    extra["control"]) / the probe's (HostOverhead.step_gap_driver_s); None when either is
+    missing. The driver's work between a micro-batch's steps is most of the round trip at
+    small dilations, and its speed moves with the host: over 41 PP=2 dilation-1 runs on the
+    development VM, the round trip's mean followed the driver's busy time per step with a
+    correlation of 0.94 (1.4-5.9 ms busy, 3.0-9.9 ms round trip; docs/results-validation.md,
+    repeat 10), while probes just before and after the run missed it by up to 2x."""
+    probe = None if host is None else host.step_gap_driver_s
+    if not control or not probe or not control.get("num_steps"):
+        return None
+    run = float(control["driver_busy_s"]) / int(control["num_steps"])
+    return {"run_busy_per_step_s": run, "probe_busy_per_step_s": float(probe),
+            "factor": run / float(probe)}
 
 
 def collective_errors(inst: dict[str, np.ndarray], profile: CommProfile) -> dict[str, Any]:

@@ -35,8 +35,8 @@ from emulator.simulator.engine import CostModelExecutor, Simulation
 from emulator.simulator.run import RunTables, request_table, run_extra, simulate
 from emulator.validate.join import join_steps
 from emulator.validate.report import (collective_errors, collective_instances, drain_error,
-                                      noise_floor, read_thermometer, request_errors,
-                                      step_errors, thermometer_shifts)
+                                      driver_thermometer, noise_floor, read_thermometer,
+                                      request_errors, step_errors, thermometer_shifts)
 
 TARGETS = {"step_time_median_error": 0.10, "drain_time_error": 0.10,
            "collective_median_error_large": 0.15}
@@ -198,7 +198,8 @@ def revalidate(outdir: Path, comm_profile: Path | None = None, *,
         probes = {**probes, "line_factors_applied": False}
     if comm_profile is not None:
         config = config.model_copy(update={"comm_profile": Path(comm_profile)})
-    emu = RunTables(requests=run.requests, steps=run.steps, collectives=run.collectives)
+    emu = RunTables(requests=run.requests, steps=run.steps, collectives=run.collectives,
+                    extra={"control": (run.summary.get("extra") or {}).get("control")})
     return report_runs(config, host_profile(config), outdir, emu, run.summary.get("nodes"),
                        probes, thermometer=thermometer)
 
@@ -256,7 +257,8 @@ def validate(config: RunConfig, outdir: Path, *, host_probe: bool = True,
                                  timeout_s=config.timeout_s, host_mode=HostMode.of(config),
                                  num_bytes=num_bytes, pipeline_template=template,
                                  dilation=config.dilation, gather_bytes=gather,
-                                 gap_model=(config.model, config.hardware)))
+                                 gap_model=(config.model, config.hardware),
+                                 pipeline_gap=config.pp > 1))
 
     if host_probe:
         probe()
@@ -307,23 +309,38 @@ def report_runs(config: RunConfig, profile: CommProfile, outdir: Path, emu: RunT
         nodes = nodes.get("rank_node_id") or nodes.get("rank_node_ip")
     report, joined = _simulate_and_report(config, profile, outdir / "simulate", emu, nodes)
     shifts = thermometer_shifts(report["thermometer"], config.dilation) if thermometer else {}
-    if not shifts:  # a re-report without the thermometer leaves no stale re-pricing
+    driver = (driver_thermometer(emu.extra.get("control"), profile.host)
+              if thermometer and config.pp > 1 else None)
+    if not shifts and driver is None:  # a re-report without it leaves no stale re-pricing
         shutil.rmtree(outdir / "simulate-thermometer", ignore_errors=True)
     else:
-        # Re-price the lines with the speed the run's own probes measured (host overheads
-        # unchanged) and report that, keeping the as-calibrated errors beside it.
+        # Re-price with the speed the run's own probes measured (the group collectives'
+        # lines; with PP the gap between a micro-batch's steps by the driver's speed) and
+        # report that, keeping the as-calibrated errors beside it.
         calibrated = report
-        profile = profile.lines_shifted(shifts, name=f"{profile.name} (lines shifted by "
-                                        "the run's thermometer)")
+        said = []
+        if shifts:
+            profile = profile.lines_shifted(shifts)
+            said.append(f"group collectives {shifts['all_reduce'] * 1e6:+.0f} us a call")
+        if driver is not None:
+            host = profile.host.model_copy(
+                update={"step_gap_s": profile.host.step_gap_s * driver["factor"]})
+            profile = profile.model_copy(update={"host": host})
+            said.append(f"pipeline round trip x{driver['factor']:.2f} by the driver's speed")
+        profile = profile.model_copy(update={"name": f"{profile.name} (re-priced by the "
+                                                     "run's thermometer)"})
         report, joined = _simulate_and_report(config, profile, outdir / "simulate-thermometer",
                                               emu, nodes)
         report["thermometer"] = calibrated["thermometer"]
-        report["thermometer_shift_s"] = shifts
+        if shifts:
+            report["thermometer_shift_s"] = shifts
+        if driver is not None:
+            report["driver_thermometer"] = driver
         report["as_calibrated"] = {k: calibrated[k] for k in AS_CALIBRATED_KEYS}
         head, rest = report["verdict"].split(": ", 1)
-        report["verdict"] = (f"{head} with the run's thermometer (group collectives "
-                             f"{shifts['all_reduce'] * 1e6:+.0f} us a call): {rest}; as "
-                             "calibrated: " + calibrated["verdict"].split(": ", 1)[0])
+        report["verdict"] = (f"{head} with the run's thermometer ({'; '.join(said)}): "
+                             f"{rest}; as calibrated: "
+                             + calibrated["verdict"].split(": ", 1)[0])
     if probes is not None:
         report["host_probes"] = probes
         report["verdict"] += f"; host drift {probes['drift'] * 100:+.1f}% between the probes"

@@ -331,3 +331,67 @@ def test_step_gap_probe_runs_the_given_model_or_the_tiny_one(monkeypatch):
     ran.clear()
     measure_step_gap(group, model="llama-3.1-405b")  # needs more than 2 ranks: tiny
     assert [name for name, _ in ran] == ["tiny", "tiny"]
+
+
+def test_pipeline_round_trips_skip_steps_that_waited_for_stage_0():
+    from emulator.calibrate.host import pipeline_round_trips
+
+    # Two micro-batches on two stages, steps 1 ms per stage.
+    rows = [  # (micro_batch, step, stage, start, end), ms
+        (0, 0, 0, 0.0, 1.0), (0, 0, 1, 1.0, 2.0),
+        (1, 1, 0, 1.0, 2.0), (1, 1, 1, 2.0, 3.0),
+        (0, 2, 0, 2.5, 3.5), (0, 2, 1, 3.5, 4.5),  # formed at 2.0, stage 0 free at 2.0: 0.5
+        # formed at 3.0 but stage 0 busy with mb 0 until 3.5: waited, not a round trip
+        (1, 3, 0, 3.5, 4.5), (1, 3, 1, 4.5, 5.5),
+        (0, 4, 0, 5.2, 6.2), (0, 4, 1, 6.2, 7.2),  # formed at 4.5, stage 0 free at 4.5: 0.7
+        # formed at 5.5, stage 0 busy until 6.2 but idle 0.8 ms before the start: 1.5
+        (1, 5, 0, 7.0, 8.0), (1, 5, 1, 8.0, 9.0),
+    ]
+    mb, step, stage, start, end = (np.array(c) for c in zip(*rows))
+    got = pipeline_round_trips(mb, step, stage, start * 1e-3, end * 1e-3)
+    assert sorted(got.tolist()) == pytest.approx([0.5e-3, 0.7e-3, 1.5e-3])
+    with pytest.raises(ValueError, match="no round trip"):
+        pipeline_round_trips(mb[:4], step[:4], stage[:4], start[:4], end[:4])
+
+
+def test_pipeline_gap_probe_runs_the_pipeline_of_the_given_model(monkeypatch):
+    import emulator.runtime.executor as executor
+    from emulator.calibrate.host import measure_pipeline_gap
+
+    ran = []
+
+    class Emulation:  # two micro-batches, stages 1 and 2 ms, every round trip 3 ms
+        def __init__(self, setup, group):
+            self.setup = setup
+
+        def allocate(self):
+            pass
+
+        def run(self):
+            ran.append((self.setup.model.name, self.setup.layout.pp))
+
+        def tables(self):
+            rows, free, formed = [], [0.0, 0.0], [-3e-3, -3e-3]
+            for k in range(12):
+                mb = k % 2
+                t = max(formed[mb] + 3e-3, free[0])
+                for stage, dur in ((0, 1e-3), (1, 2e-3)):
+                    t = max(t, free[stage])
+                    rows.append((mb, k, stage, t, t + dur))
+                    free[stage] = t = t + dur
+                formed[mb] = t
+            cols = dict(zip(("micro_batch", "step", "stage", "start_s", "end_s"),
+                            (np.array(c) for c in zip(*rows))))
+            return SimpleNamespace(steps={k: SimpleNamespace(to_numpy=lambda v=v: v)
+                                          for k, v in cols.items()},
+                                   extra={"control": {"driver_busy_s": 0.024,
+                                                      "num_steps": 12}})
+
+    monkeypatch.setattr(executor, "Emulation", Emulation)
+    group = SimpleNamespace(world_size=2, timeout_s=5.0)
+    # the mean over the pairs that found stage 0 free (which they are is tested above)
+    # and the driver's busy time per step
+    assert measure_pipeline_gap(group, model="llama-3.1-8b") == pytest.approx((3e-3, 2e-3))
+    assert ran == [("llama-3.1-8b", 2)]
+    measure_pipeline_gap(group, model="llama-3.1-405b")  # does not fit 2 stages: tiny
+    assert ran[-1] == ("tiny", 2)

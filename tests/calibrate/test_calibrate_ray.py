@@ -13,6 +13,7 @@ from emulator.calibrate.host import HostProbe
 from emulator.calibrate.run import calibrate
 from emulator.config import build_config
 from emulator.cost.profile_io import load_profile
+from emulator.metrics.io import read_run
 from emulator.trace.io import write_trace
 from emulator.trace.synth import synth_trace
 from emulator.validate.run import probe_bytes, probe_plan, revalidate, validate
@@ -125,3 +126,45 @@ def test_calibrate_then_validate(raw, tmp_path, monkeypatch):
     assert other["host_probes"]["line_factors_applied"] is False
     assert other["host_probes"]["line_factors"] == saved["host_probes"]["line_factors"]
     assert "re-measured" not in other["verdict"]
+
+
+def test_validate_pp_prices_the_round_trip_with_the_drivers_speed(raw, tmp_path, monkeypatch):
+    import emulator.calibrate.run as calibrate_run
+
+    path = tmp_path / "host.json"
+    profile, _ = calibrate(raw, name="ci", output=path, host_probe=False)
+    trace = tmp_path / "batch.arrow"
+    write_trace(synth_trace(num_requests=4, lengths="uniform", arrival="batch",
+                            prompt_tokens=(8, 24), output_tokens=(2, 4), seed=2), trace)
+    cfg = build_config(trace=trace, model="tiny", pp=2, dilation=1.0, comm_profile=path,
+                       timeout_s=10.0, memory_scale=1e-3)
+    # A probed host whose gap probe saw the driver busy 1 ms a step (stubbed probes).
+    from emulator.cost.comm import HostOverhead
+
+    host = HostOverhead(num_ranks=2, step_gap_s=2e-3, step_gap_driver_s=1e-3,
+                        step_fixed_s=0.0, delay_grid_s=[0.0, 1e-2], delay_excess_s=[0.0, 0.0],
+                        collective_excess_s=[0.0, 0.0], wake_s=[0.0, 0.0])
+    seen = []
+
+    def fake_probe(world, prof, **kw):
+        seen.append(kw["pipeline_gap"])
+        return HostProbe(host, {})
+
+    monkeypatch.setattr(calibrate_run, "probe_host", fake_probe)
+    saved = validate(cfg, tmp_path / "val")
+    assert seen == [True, True]  # PP: the gap is the pipeline's round trip
+    control = json.loads((tmp_path / "val" / "emulate" / "summary.json").read_text())[
+        "extra"]["control"]
+    busy = control["driver_busy_s"] / control["num_steps"]
+    assert saved["driver_thermometer"] == pytest.approx(
+        {"run_busy_per_step_s": busy, "probe_busy_per_step_s": 1e-3, "factor": busy / 1e-3})
+    assert f"pipeline round trip x{busy / 1e-3:.2f} by the driver's speed" in saved["verdict"]
+    assert saved["as_calibrated"]["verdict"].startswith(("PASS", "FAIL"))
+    # the re-priced simulation starts each micro-batch's next step that much later
+    sim = read_run(tmp_path / "val" / "simulate-thermometer").summary["metrics"]
+    calibrated = read_run(tmp_path / "val" / "simulate").summary["metrics"]
+    assert (sim["drain_time_s"] > calibrated["drain_time_s"]) == (busy > 1e-3)
+    # re-reported from disk: the run's driver time comes back from its summary
+    again = revalidate(tmp_path / "val")
+    assert again["driver_thermometer"] == pytest.approx(saved["driver_thermometer"])
+    assert "driver_thermometer" not in revalidate(tmp_path / "val", thermometer=False)

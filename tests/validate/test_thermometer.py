@@ -93,3 +93,20 @@ def test_lines_scaled_multiplies_the_named_ops_lines_only():
     assert prof.lines_scaled({}).entries == prof.entries
     with pytest.raises(ValueError, match="all_gather"):
         prof.lines_scaled({"all_gather": 0.0})
+
+
+def test_driver_thermometer_is_the_runs_driver_time_per_step_over_the_probes():
+    from emulator.validate.report import driver_thermometer
+
+    host = HostOverhead(num_ranks=2, step_gap_s=4e-3, step_gap_driver_s=2e-3, step_fixed_s=0.0,
+                        delay_grid_s=[0.0], delay_excess_s=[0.0], collective_excess_s=[0.0],
+                        wake_s=[0.0])
+    control = {"driver_busy_s": 0.3, "num_steps": 100}
+    assert driver_thermometer(control, host) == pytest.approx(
+        {"run_busy_per_step_s": 3e-3, "probe_busy_per_step_s": 2e-3, "factor": 1.5})
+    # nothing to compare: no probe of the driver, no run record, no steps
+    assert driver_thermometer(control, host.model_copy(update={"step_gap_driver_s": None})) \
+        is None
+    assert driver_thermometer(None, host) is None
+    assert driver_thermometer({"driver_busy_s": 0.0, "num_steps": 0}, host) is None
+    assert driver_thermometer(control, None) is None
