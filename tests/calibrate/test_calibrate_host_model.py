@@ -301,21 +301,27 @@ def test_probe_re_measures_the_runs_all_gather_apart_from_the_overheads(monkeypa
     assert got.host.step_gap_s == 1e-3
 
 
+class _FakeEmulation:
+    """Stands in for executor.Emulation in the gap probes; ``ran``: the setups it ran."""
+
+    ran: list = []
+
+    def __init__(self, setup, group):
+        self.setup = setup
+
+    def allocate(self):
+        pass
+
+    def run(self):
+        self.ran.append(self.setup)
+
+
 def test_step_gap_probe_runs_the_given_model_or_the_tiny_one(monkeypatch):
     import emulator.runtime.executor as executor
     from emulator.calibrate.host import measure_step_gap
 
-    ran = []
-
-    class Emulation:  # steps 1 ms long; gap 2 ms + 10 us per collective row
-        def __init__(self, setup, group):
-            self.setup = setup
-
-        def allocate(self):
-            pass
-
-        def run(self):
-            ran.append((self.setup.model.name, self.setup.model.num_layers))
+    class Emulation(_FakeEmulation):  # steps 1 ms long; gap 2 ms + 10 us per collective row
+        ran = []
 
         def tables(self):
             rows = 2 * (2 * self.setup.model.num_layers + 2)
@@ -327,10 +333,11 @@ def test_step_gap_probe_runs_the_given_model_or_the_tiny_one(monkeypatch):
     monkeypatch.setattr(executor, "Emulation", Emulation)
     group = SimpleNamespace(world_size=2, timeout_s=5.0)
     assert measure_step_gap(group, model="llama-3.1-8b") == pytest.approx((2e-3, 1e-5))
+    ran = [(st.model.name, st.model.num_layers) for st in Emulation.ran]
     assert ran == [("llama-3.1-8b", 4), ("llama-3.1-8b", 32)]
-    ran.clear()
+    Emulation.ran.clear()
     measure_step_gap(group, model="llama-3.1-405b")  # needs more than 2 ranks: tiny
-    assert [name for name, _ in ran] == ["tiny", "tiny"]
+    assert [st.model.name for st in Emulation.ran] == ["tiny", "tiny"]
 
 
 def test_pipeline_round_trips_skip_steps_that_waited_for_stage_0():
@@ -358,17 +365,8 @@ def test_pipeline_gap_probe_runs_the_pipeline_of_the_given_model(monkeypatch):
     import emulator.runtime.executor as executor
     from emulator.calibrate.host import measure_pipeline_gap
 
-    ran = []
-
-    class Emulation:  # two micro-batches, stages 1 and 2 ms, every round trip 3 ms
-        def __init__(self, setup, group):
-            self.setup = setup
-
-        def allocate(self):
-            pass
-
-        def run(self):
-            ran.append((self.setup.model.name, self.setup.layout.pp))
+    class Emulation(_FakeEmulation):  # two micro-batches, stages 1 and 2 ms, round trip 3 ms
+        ran = []
 
         def tables(self):
             rows, free, formed = [], [0.0, 0.0], [-3e-3, -3e-3]
@@ -392,6 +390,7 @@ def test_pipeline_gap_probe_runs_the_pipeline_of_the_given_model(monkeypatch):
     # the mean over the pairs that found stage 0 free (which they are is tested above)
     # and the driver's busy time per step
     assert measure_pipeline_gap(group, model="llama-3.1-8b") == pytest.approx((3e-3, 2e-3))
-    assert ran == [("llama-3.1-8b", 2)]
+    ran = Emulation.ran
+    assert [(st.model.name, st.layout.pp) for st in ran] == [("llama-3.1-8b", 2)]
     measure_pipeline_gap(group, model="llama-3.1-405b")  # does not fit 2 stages: tiny
-    assert ran[-1] == ("tiny", 2)
+    assert (ran[-1].model.name, ran[-1].layout.pp) == ("tiny", 2)
