@@ -50,6 +50,8 @@ import sys
 import threading
 from dataclasses import dataclass
 
+from emulator.errors import ConfigError
+
 SPINNER_CODE = """\
 import os, sys
 try:
@@ -170,9 +172,10 @@ def wants_driver_realtime(mode: str, ranks_realtime_here: bool, allowed: bool) -
     if mode not in ("auto", "realtime", "normal"):
         raise ValueError(f"driver priority must be auto, realtime or normal, got {mode!r}")
     if mode == "realtime" and not allowed:
-        raise ValueError("driver priority realtime is not permitted here (needs root, "
-                         "CAP_SYS_NICE or an rtprio limit >= 1, see `ulimit -r`); use auto "
-                         "or normal")
+        # a user's setting: one line from the CLI, not a traceback
+        raise ConfigError("driver priority realtime is not permitted here (needs root, "
+                          "CAP_SYS_NICE or an rtprio limit >= 1, see `ulimit -r`); use "
+                          "auto or normal")
     return mode == "realtime" or (mode == "auto" and ranks_realtime_here and allowed)
 
 

@@ -128,7 +128,9 @@ def test_driver_realtime_follows_the_ranks_on_its_host_and_permission():
     assert not wants_driver_realtime("auto", ranks_realtime_here=True, allowed=False)
     assert not wants_driver_realtime("normal", ranks_realtime_here=True, allowed=True)
     assert wants_driver_realtime("realtime", ranks_realtime_here=False, allowed=True)
-    with pytest.raises(ValueError, match="driver priority realtime is not permitted"):
+    from emulator.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="driver priority realtime is not permitted"):
         wants_driver_realtime("realtime", ranks_realtime_here=True, allowed=False)
     with pytest.raises(ValueError, match="auto, realtime or normal"):
         wants_driver_realtime("high", ranks_realtime_here=True, allowed=True)
