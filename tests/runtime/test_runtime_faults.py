@@ -67,6 +67,14 @@ def _emulate_cmd(outdir: Path, *extra: str) -> list[str]:
             "--timeout-s", "3", "-o", str(outdir), *extra]
 
 
+INTERRUPTIBLE = ("import runpy, signal, sys; "
+                 "signal.signal(signal.SIGINT, signal.default_int_handler); "
+                 "sys.argv[0] = 'emulator'; runpy.run_module('emulator', run_name='__main__')")
+"""``python -c`` code running the CLI with Python's Ctrl-C handler even when the tests were
+started with SIGINT ignored (as a shell does for a job run in the background with ``&``;
+the child would inherit that and never see the interrupt)."""
+
+
 def _env(tag: str, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "EMULATOR_FAULT")}
     env.update(EMULATOR_TEST_TAG=tag, **extra)
@@ -216,6 +224,7 @@ def test_interrupt_keeps_checkpointed_and_finished_work(tmp_path):
     outdir = tmp_path / "out"
     cmd = _emulate_cmd(outdir, "--tp", "2", "--max-requests", "40", "--dilation", "3",
                        "--checkpoint-interval-s", "1")
+    cmd[1:3] = ["-c", INTERRUPTIBLE]  # instead of -m emulator
     proc = subprocess.Popen(cmd, env=_env(tag), stderr=subprocess.PIPE, text=True,
                             stdout=subprocess.DEVNULL, cwd=REPO)
     try:
