@@ -165,10 +165,11 @@ def wants_driver_realtime(mode: str, ranks_realtime_here: bool, allowed: bool) -
     is permitted; ``normal`` never. A driver at normal priority shares the CPUs with Ray's
     daemons between steps, and at small dilations its work between a micro-batch's steps
     is as long as the steps. On the 2-vCPU development VM, over seven interleaved pairs of
-    PP=2 llama-3.1-8b runs at dilation 1 (ranks at SCHED_FIFO 2), the driver's busy time
-    averaged 0.29 s at real-time priority against 0.40 s at normal, and the run 0.68 s
-    against 0.76 s; two of the seven pairs went the other way, as the host's speed moves
-    between runs (docs/results-validation.md, repeat 10)."""
+    PP=2 llama-3.1-8b runs at dilation 1 (real-time: the driver at SCHED_FIFO 1 below ranks
+    at 2), the driver's busy time averaged 0.29 s at real-time priority against 0.40 s at
+    normal, and the run 0.68 s against 0.76 s; in three of the seven pairs the real-time
+    run was the slower one (by up to 0.08 s), as the host's speed moves between runs
+    (docs/results-validation.md, repeat 10)."""
     if mode not in ("auto", "realtime", "normal"):
         raise ValueError(f"driver priority must be auto, realtime or normal, got {mode!r}")
     if mode == "realtime" and not allowed:
@@ -270,8 +271,8 @@ def realtime_allowed(priority: int | None = None) -> bool:
 
 
 def set_realtime(on: bool, priority: int | None = None) -> int:
-    """Put every thread of this process (the caller's, gloo's and Ray's) at the lowest
-    real-time priority (``SCHED_FIFO`` at ``priority``, default RANK_RT_PRIORITY; reset on
+    """Put every thread of this process (the caller's, gloo's and Ray's) at real-time
+    priority (``SCHED_FIFO`` at ``priority``, default RANK_RT_PRIORITY; reset on
     fork so spawned children run normally), or back to normal; threads started later
     inherit it from the thread that starts them. Returns how many threads were switched."""
     level = RANK_RT_PRIORITY if priority is None else priority
