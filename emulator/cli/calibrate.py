@@ -172,8 +172,10 @@ def calibrate(output, from_bench, no_host_probe, name, line_only, **kw):
               "is scaled by what the two probes measured at the run's size.")
 @click.option("--thermometer/--no-thermometer", default=True, show_default=True,
               help="With TP: add one back-to-back probe all-reduce per stage and step and "
-              "price the group collectives with the speed they measured; the as-calibrated "
-              "errors are reported beside.")
+              "price the group collectives with the speed they measured. With PP: scale the "
+              "probed round trip between a micro-batch's steps by the driver's busy time per "
+              "step in the run over the probe's. The as-calibrated errors are reported "
+              "beside.")
 @click.option("--reuse-emulation", is_flag=True,
               help="Keep OUTDIR/emulate (do not re-run it); re-simulate and re-report, with "
               "--comm-profile if given (e.g. after re-calibrating) and --no-thermometer "
@@ -215,6 +217,12 @@ def validate(config_file, outdir, host_probe, thermometer, reuse_emulation, **va
                       f"measured {format_seconds(t['measured_median_s'])}, as calibrated "
                       f"{format_seconds(t['predicted_median_s'])}: calls "
                       f"{t['shift_s'] * 1e6:+.1f} µs (target time)", highlight=False)
+    driver = report.get("driver_thermometer")
+    if driver:
+        console.print(f"  driver busy per step: run "
+                      f"{format_seconds(driver['run_busy_per_step_s'])}, gap probe "
+                      f"{format_seconds(driver['probe_busy_per_step_s'])}: round trip "
+                      f"x{driver['factor']:.2f} (host time)", highlight=False)
     calibrated = report.get("as_calibrated")
     if calibrated:
         console.print("  as calibrated: " + ", ".join(
