@@ -87,7 +87,8 @@ def measure_host_overhead(group, line_s, *, num_steps: int = 16,
                           grid_s: tuple[float, ...] = DELAY_GRID_S,
                           num_bytes: int = PROBE_BYTES,
                           gather_bytes: int | None = None,
-                          gap_model: tuple[str, str] = ("tiny", "h100")) -> HostProbe:
+                          gap_model: tuple[str, str] = ("tiny", "h100"),
+                          host_mode=None) -> HostProbe:
     """Run probe steps on ``group`` (a WorkerGroup with layout tp = world) and fit.
     ``line_s(op, num_bytes)``: the benchmark line's time of one op (host seconds; all_gather
     bytes = gathered output), so excesses are measured against what the simulator prices.
@@ -100,7 +101,8 @@ def measure_host_overhead(group, line_s, *, num_steps: int = 16,
     activations, so the all-gather's line from `calibrate` misprices a run later on; the
     probe measures it in the step program, spread over the probe's ~15 s.
 
-    ``gap_model``: (model, hardware) of the step-gap probe (:func:`measure_step_gap`)."""
+    ``gap_model``: (model, hardware) of the step-gap probe (:func:`measure_step_gap`), run
+    with the ranks in ``host_mode`` (awake.HostMode; None: the defaults)."""
     n = group.world_size
     gather = num_bytes if gather_bytes is None else gather_bytes
     # The probe program: embed all-reduce, 2 per layer, logits all-gather (output n x bytes).
@@ -138,7 +140,8 @@ def measure_host_overhead(group, line_s, *, num_steps: int = 16,
         # median over every instance of every step, not a median of per-step medians.
         wake.append(float(np.median(np.concatenate([p[2][keep] for p in parts[d]]))))
         gathered += [lines[-1] + p[2][-1] - wake[-1] for p in parts[d]]
-    gap0, gap_per = measure_step_gap(group, model=gap_model[0], hardware=gap_model[1])
+    gap0, gap_per = measure_step_gap(group, model=gap_model[0], hardware=gap_model[1],
+                                     host_mode=host_mode)
     host = HostOverhead(num_ranks=n, step_gap_s=gap0, step_gap_s_per_collective=gap_per,
                         step_fixed_s=max(0.0, float(np.median(fixed))),
                         collective_call_s=max(0.0, float(np.median(call))),
@@ -265,7 +268,8 @@ def measure_pipeline_wake(group, line_s, num_bytes: int = PROBE_BYTES,
 
 
 def measure_step_gap(group, layers: tuple[int, ...] = GAP_LAYERS,
-                     model: str = "tiny", hardware: str = "h100") -> tuple[float, float]:
+                     model: str = "tiny", hardware: str = "h100",
+                     host_mode=None) -> tuple[float, float]:
     """(step_gap_s, step_gap_s_per_collective): the real emulation loop (executor.Emulation:
     scheduling, KV frees, record keeping) on a small offline batch of ``model`` (on
     ``hardware``; the 'tiny' model when that one cannot be laid out over the group) with
@@ -277,7 +281,8 @@ def measure_step_gap(group, layers: tuple[int, ...] = GAP_LAYERS,
     gaps, rows = [], []
     for num_layers in layers:
         steps = _probe_run(group, model, hardware, num_requests=4, prompt_tokens=16,
-                           output_tokens=16, num_layers=num_layers, tp=group.world_size).steps
+                           output_tokens=16, num_layers=num_layers, host_mode=host_mode,
+                           tp=group.world_size).steps
         start, end = steps["start_s"].to_numpy(), steps["end_s"].to_numpy()
         gaps += (start[1:] - end[:-1]).tolist()
         rows += [group.world_size * (2 * num_layers + 2)] * (len(start) - 1)
@@ -285,11 +290,13 @@ def measure_step_gap(group, layers: tuple[int, ...] = GAP_LAYERS,
 
 
 def _probe_run(group, model: str, hardware: str, *, num_requests: int, prompt_tokens: int,
-               output_tokens: int, num_layers: int | None = None, **layout):
+               output_tokens: int, num_layers: int | None = None, host_mode=None,
+               **layout):
     """The tables (RunTables) of the emulation loop (executor.Emulation) on ``group`` at
     dilation 1: an offline batch of ``num_requests`` fixed-length requests of ``model`` on
     ``hardware`` (the 'tiny' model when that one cannot be laid out as ``layout`` says),
-    with ``num_layers`` decoder layers if given."""
+    with ``num_layers`` decoder layers if given, the ranks waiting in ``host_mode``
+    (awake.HostMode, as the run to be priced; None: the defaults)."""
     from emulator.build import build_run
     from emulator.config import build_config
     from emulator.cost import CostModel
@@ -305,6 +312,10 @@ def _probe_run(group, model: str, hardware: str, *, num_requests: int, prompt_to
                                 seed=0), path)
         kw = dict(trace=path, dilation=1.0, memory_scale=1e-3, timeout_s=group.timeout_s,
                   **layout)
+        if host_mode is not None:  # Emulation.allocate sets the group's mode from these
+            kw.update(delay_mode=host_mode.delay_mode, keep_awake=host_mode.keep_awake,
+                      rank_priority=host_mode.rank_priority, pin_ranks=host_mode.pin_ranks,
+                      driver_priority=host_mode.driver_priority)
         try:
             setup = build_run(build_config(model=model, hardware=hardware, **kw),
                               record_slots=True)
@@ -325,7 +336,7 @@ queue: the plan had arrived before the stage was free (measure_pipeline_gap)."""
 
 
 def measure_pipeline_gap(group, model: str = "tiny", hardware: str = "h100",
-                         num_requests: int = 32) -> tuple[float, float]:
+                         num_requests: int = 32, host_mode=None) -> tuple[float, float]:
     """(round trip, driver busy per step): the driver's round trip between a micro-batch's
     steps in a pipeline, and the driver's own work per step meanwhile (host seconds):
     the real emulation loop on ``group`` (a WorkerGroup with layout pp = world) running an
@@ -344,7 +355,7 @@ def measure_pipeline_gap(group, model: str = "tiny", hardware: str = "h100",
     4.4-4.6 ms (median per run) where the TP probe (:func:`measure_step_gap`) said
     3.1-3.5 ms (docs/results-validation.md, repeat 10)."""
     tables = _probe_run(group, model, hardware, num_requests=num_requests, prompt_tokens=64,
-                        output_tokens=32, pp=group.world_size)
+                        output_tokens=32, host_mode=host_mode, pp=group.world_size)
     steps, control = tables.steps, tables.extra["control"]
     gap = float(np.mean(pipeline_round_trips(
         *(steps[c].to_numpy() for c in ("micro_batch", "step", "stage", "start_s", "end_s")))))

@@ -49,7 +49,8 @@ def probe_host(world: int, profile: CommProfile, *, address: str | None = None,
         with WorkerGroup(ParallelLayout(tp=world), backend="gloo", timeout_s=timeout_s) as g:
             g.set_host_mode(host_mode)
             probe = measure_host_overhead(g, line_s, num_bytes=num_bytes or PROBE_BYTES,
-                                          gather_bytes=gather_bytes, gap_model=gap_model)
+                                          gather_bytes=gather_bytes, gap_model=gap_model,
+                                          host_mode=host_mode)
         if not any(e.op == "send_recv" for e in profile.entries):
             return probe
         with WorkerGroup(ParallelLayout(pp=2), backend="gloo", timeout_s=timeout_s) as g:
@@ -58,7 +59,7 @@ def probe_host(world: int, profile: CommProfile, *, address: str | None = None,
                                              template=pipeline_template, dilation=dilation)
             if pipeline_gap:
                 pipeline["step_gap_s"], pipeline["step_gap_driver_s"] = \
-                    measure_pipeline_gap(g, *gap_model)
+                    measure_pipeline_gap(g, *gap_model, host_mode=host_mode)
         return probe._replace(host=probe.host.model_copy(update=pipeline))
 
 

@@ -13,6 +13,7 @@ from emulator.config import build_config
 from emulator.cost import CostModel
 from emulator.cost.comm import CommEntry, CommProfile, HostOverhead
 from emulator.cost.profile_io import load_profile, save_profile
+from emulator.runtime.awake import HostMode
 from emulator.simulator.engine import CostModelExecutor, Simulation
 from emulator.trace.io import write_trace
 from emulator.trace.synth import synth_trace
@@ -338,6 +339,9 @@ def test_step_gap_probe_runs_the_given_model_or_the_tiny_one(monkeypatch):
     Emulation.ran.clear()
     measure_step_gap(group, model="llama-3.1-405b")  # needs more than 2 ranks: tiny
     assert [st.model.name for st in Emulation.ran] == ["tiny", "tiny"]
+    mode = HostMode(keep_awake="off", pin_ranks="off")
+    measure_step_gap(group, model="llama-3.1-8b", host_mode=mode)
+    assert {HostMode.of(st.config) for st in Emulation.ran[2:]} == {mode}
 
 
 def test_pipeline_round_trips_skip_steps_that_waited_for_stage_0():
@@ -394,3 +398,9 @@ def test_pipeline_gap_probe_runs_the_pipeline_of_the_given_model(monkeypatch):
     assert [(st.model.name, st.layout.pp) for st in ran] == [("llama-3.1-8b", 2)]
     measure_pipeline_gap(group, model="llama-3.1-405b")  # does not fit 2 stages: tiny
     assert (ran[-1].model.name, ran[-1].layout.pp) == ("tiny", 2)
+    # the ranks wait as in the run to be priced (Emulation.allocate reads these fields)
+    mode = HostMode(delay_mode="sleep", keep_awake="off", rank_priority="normal",
+                    pin_ranks="on", driver_priority="normal")
+    measure_pipeline_gap(group, model="llama-3.1-8b", host_mode=mode)
+    assert HostMode.of(ran[-1].config) == mode
+    assert HostMode.of(ran[0].config) == HostMode()  # none given: the defaults
