@@ -240,7 +240,12 @@ def validate(config: RunConfig, outdir: Path, *, host_probe: bool = True,
     priced with the group collectives' lines shifted by what the probes measured
     (``thermometer``, ``thermometer_shift_s``), and keeps the errors as calibrated
     (``as_calibrated``). Pipeline transfers get no probe: a back-to-back transfer did not
-    track transfers after a stage's idle wait (docs/results-validation.md, repeat 7)."""
+    track transfers after a stage's idle wait (docs/results-validation.md, repeat 7).
+
+    With pp > 1 the host probes measure the round trip between a micro-batch's steps in a
+    2-stage pipeline (calibrate.host.measure_pipeline_gap), and ``thermometer`` scales it
+    by the run's driver busy time per step over the probe's (report.driver_thermometer,
+    ``driver_thermometer``), keeping the errors as calibrated beside it too."""
     from emulator.calibrate.run import probe_host
     from emulator.runtime.executor import emulate
 
