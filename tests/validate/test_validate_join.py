@@ -120,6 +120,29 @@ def test_collective_instances_and_errors():
                     ("send_recv", "small"): 0.0}
 
 
+def test_collective_error_is_the_median_of_the_instances_errors_across_sizes():
+    """Half the all-gathers of 6 MB (predicted 3.0 ms), half of 8 MB (4.0 ms), each size
+    measured around its prediction (within -10% and +18%). The error of the bucket's two
+    medians takes the slowest small and the fastest large one (3.3 and 3.4 ms; 3.0 and 4.0
+    predicted: +4.5%), the paired median does not (+0.3%)."""
+    from emulator.validate.report import median_paired_error
+    pred = np.array([3.0] * 4 + [4.0] * 4) * 1e-3
+    meas = np.array([2.7, 2.9, 3.1, 3.3, 3.4, 3.9, 4.1, 4.6]) * 1e-3
+    inst = {"op": np.array(["all_gather"] * 8), "group_size": np.full(8, 2),
+            "placement": np.array(["intra"] * 8), "bytes": np.repeat([6e6, 8e6], 4),
+            "time_s": meas, "sync_wait_s": np.zeros(8)}
+    prof = CommProfile(name="h", entries=[CommEntry(
+        op="all_gather", group_size=2, placement="intra", alpha_s=0.0, beta_s_per_byte=0.5e-9)])
+    (row,) = collective_errors(inst, prof)["by_op"]
+    assert row["num_sizes"] == 2 and row["num_instances"] == 8
+    assert row["error_of_medians"] == pytest.approx(3.5 / 3.35 - 1)
+    expect = float(np.median(pred / meas) - 1)
+    assert row["median_error"] == pytest.approx(expect) and abs(expect) < 0.01
+    # one size: the paired median is the error of the median (odd count)
+    assert median_paired_error(np.full(3, 2.0), np.array([1.0, 4.0, 2.5])) == pytest.approx(-0.2)
+    assert median_paired_error(np.ones(2), np.zeros(2)) is None
+
+
 def test_verdict_line():
     report = {"step_time_median_error": -0.05, "drain_time_error": 0.12,
               "collective_median_error_large": None, "step_time_mape": 0.2,
