@@ -195,7 +195,8 @@ def validate(config_file, outdir, host_probe, thermometer, reuse_emulation, **va
     table = Table(title=f"validation: {outdir}")
     table.add_column("metric")
     table.add_column("signed error", justify="right")
-    for key in ("step_time_median_error", "drain_time_error", "collective_median_error_small",
+    for key in ("step_time_median_error", "step_time_error_of_medians", "drain_time_error",
+                "collective_median_error_small",
                 "collective_median_error_large", "ttft_p50_error", "ttft_p90_error",
                 "tpot_p50_error", "tpot_p90_error", "e2e_p50_error", "e2e_p90_error",
                 "step_time_mape", "step_time_bias", "noise_floor_mape"):
