@@ -257,10 +257,17 @@ def validate(config: RunConfig, outdir: Path, *, host_probe: bool = True,
         config = config.model_copy(update={"thermometer_bytes": num_bytes})
     gather = gather_bytes(config, template)
 
+    # A run whose every delay is followed by a TP collective has no pipeline transfers and
+    # no back-to-back delays: nothing of the run-shaped pipeline probe prices it, so that
+    # probe keeps calibrate's short single-delay program (its stages would run up to
+    # PIPELINE_BUSY_S a plan, ~25 s more per validate at TP=2, dilation 50).
+    pipelined = config.pp > 1 or config.tp == 1
+
     def probe() -> None:
         probes.append(probe_host(max(2, config.tp), profile, address=config.address,
                                  timeout_s=config.timeout_s, host_mode=HostMode.of(config),
-                                 num_bytes=num_bytes, pipeline_template=template,
+                                 num_bytes=num_bytes,
+                                 pipeline_template=template if pipelined else None,
                                  dilation=config.dilation, gather_bytes=gather,
                                  gap_model=(config.model, config.hardware),
                                  pipeline_gap=config.pp > 1))
