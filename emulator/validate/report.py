@@ -8,7 +8,8 @@ high), so bias shows; headlines and the verdict use magnitudes.
   rows (a row is one stage of one step: ``end - start``), the median of the rows' errors
   (:func:`median_paired_error`: the rows mix kinds and batch sizes, and the error of the
   two medians, kept as ``step_time_error_of_medians``, compares whichever rows each median
-  lands on: TP=2 at dilation 2, +16.2% against +7.3% paired, its buckets -6% to +11%).
+  lands on: TP=2 at dilation 2, +16.2% against +7.3% paired, its decode buckets -8.9% to
+  +13.6%).
 - Noise floor: the mean absolute deviation of measured step times from the median of steps
   with the *same plan shape* (stage, requests, prefill and decode tokens), over shapes seen
   at least 3 times, as a fraction of that median. Identical steps differ only by host noise,
@@ -237,9 +238,9 @@ def median_paired_error(predicted: np.ndarray, measured: np.ndarray) -> float | 
     their median time (``p / m`` falls as ``m`` rises; exactly so for an odd count). Where
     a bucket mixes sizes it stays that, while the error of the bucket's two medians does
     not: with half the instances of one size and half of a larger one, the measured median
-    is the mean of the slowest small and the fastest large instance, the low tail of the
-    large size's noise, against a prediction free of noise (TP=2 logits all-gathers, 24 of
-    8 MB among 48: +21.4% against +12.8% paired; docs/results-validation.md, repeat 11)."""
+    falls among the fastest large and the slower small instances, the low tail of the large
+    size's noise, against a prediction free of noise (TP=2 logits all-gathers, 24 of 8 MB
+    among 48: +21.4% against +12.8% paired; docs/results-validation.md, repeat 11)."""
     ok = measured > 0
     if not ok.any():
         return None
