@@ -89,6 +89,7 @@ def test_calibrate_then_validate(raw, tmp_path, monkeypatch):
     def fake_probe(world, prof, **kw):
         calls.append((kw["num_bytes"], kw["gather_bytes"]))
         assert kw["gap_model"] == (cfg.model, cfg.hardware)
+        assert kw["pipeline_template"] is None  # TP only: no transfers to shape the probe for
         return probes[len(calls) - 1]
 
     monkeypatch.setattr(calibrate_run, "probe_host", fake_probe)
@@ -148,6 +149,7 @@ def test_validate_pp_prices_the_round_trip_with_the_drivers_speed(raw, tmp_path,
 
     def fake_probe(world, prof, **kw):
         seen.append(kw["pipeline_gap"])
+        assert len(kw["pipeline_template"].stages) == 2  # the run's step shapes the probe
         return HostProbe(host, {})
 
     monkeypatch.setattr(calibrate_run, "probe_host", fake_probe)
