@@ -53,8 +53,9 @@ PIPELINE_BUSY_S = 40e-3
 for a whole stage of llama-3.1-8b at PP=2 and dilation 50 (~20 ms): cut to 4 ms there (3
 of its 16 layers), the probe put the wake-up of a sender that waited ~17 ms for the recv at
 16-127 us over the line in nine runs whose transfers took 102-185 us over it (predicted -7%
-to -23% in seven); with the whole stage 79-157 us against 5-105 us, within 10% in seven
-runs of ten (docs/results-validation.md, repeat 11)."""
+to -23% in seven, mean -12.2%); with the whole stage, within 10% in seven runs of thirteen,
+mean -11.0%: a more faithful program, no established gain (docs/results-validation.md,
+repeat 11)."""
 
 
 def probe_work(num_layers: int, delay_s: float, num_bytes: int,
