@@ -209,13 +209,13 @@ def validate(config_file, outdir, host_probe, thermometer, reuse_emulation, **va
                       f"{format_seconds(g['predicted_median_s'])}  "
                       f"{(g['median_error'] or 0) * 100:+.1f}%", highlight=False)
     for r in report["collectives"]["by_op"]:
-        medians = r.get("error_of_medians")
+        medians = r["error_of_medians"]
         console.print(f"  {r['op']:<10} {r['bucket']:<5} n={r['num_instances']:<6} measured "
                       f"{format_seconds(r['measured_median_s'])}  predicted "
                       f"{format_seconds(r['predicted_median_s'])}  "
                       f"{(r['median_error'] or 0) * 100:+.1f}%  (of the medians "
                       f"{'-' if medians is None else f'{medians * 100:+.1f}%'}; "
-                      f"{r.get('num_sizes', '?')} sizes)", highlight=False)
+                      f"{r['num_sizes']} sizes)", highlight=False)
     for op, t in (report.get("thermometer") or {}).items():
         console.print(f"  thermometer {op} {int(t['bytes']):,} B n={t['num_instances']}: "
                       f"measured {format_seconds(t['measured_median_s'])}, as calibrated "
