@@ -63,6 +63,9 @@ from emulator.core.requests import RequestTable, Status
 from emulator.errors import ConfigError
 
 _EMPTY = np.empty(0, np.int64)
+# Status values as plain ints: numpy compares and stores them without converting the enum.
+_PENDING, _WAITING, _RUNNING, _FINISHED, _REJECTED = (int(s) for s in (
+    Status.PENDING, Status.WAITING, Status.RUNNING, Status.FINISHED, Status.REJECTED))
 
 
 class SchedulerConfig(BaseModel):
@@ -186,7 +189,7 @@ class Scheduler:
         REJECTED and ``requests.rejections[idx]`` says why)."""
         r, cfg = self.requests, self.config
         self._version += 1
-        if r.status[idx] != Status.PENDING:
+        if r.status[idx] != _PENDING:
             raise ValueError(f"request {idx} ({r.request_id[idx]}) was already added")
         r.replica[idx] = self.replica
         max_kv_tokens = int(r.prompt_tokens[idx] + r.output_tokens[idx] - 1)
@@ -201,11 +204,11 @@ class Scheduler:
                       f"exceed max_num_batched_tokens={cfg.max_num_batched_tokens} without chunked "
                       "prefill; enable chunked prefill or raise the budget")
         if reason is not None:
-            r.status[idx] = Status.REJECTED
+            r.status[idx] = _REJECTED
             r.rejections[int(idx)] = reason
             self.num_rejected += 1
             return False
-        r.status[idx] = Status.WAITING
+        r.status[idx] = _WAITING
         self.kv.register(idx)
         self._waiting.append(int(idx))
         return True
@@ -310,14 +313,14 @@ class Scheduler:
                 preempted += 1
                 if end == i or need[i] <= pool.num_free:
                     break
-        self._running = self._running[self.requests.status[self._running] == Status.RUNNING]
+        self._running = self._running[self.requests.status[self._running] == _RUNNING]
         return i, preempted
 
     def _preempt(self, req: int) -> None:
         r = self.requests
         self.kv.free(req)
         r.num_computed_tokens[req] = 0
-        r.status[req] = Status.WAITING
+        r.status[req] = _WAITING
         r.num_preemptions[req] += 1
         self.num_preemptions_total += 1
         self._waiting.appendleft(req)
@@ -369,7 +372,7 @@ class Scheduler:
             if not self._fits(req, hits, n, alone) or kv.allocate_slots(req, n, hits) is None:
                 break
             self._waiting.popleft()
-            r.status[req] = Status.RUNNING
+            r.status[req] = _RUNNING
             r.num_computed_tokens[req] = num_hit + n
             budget -= n
             adm.append(req)
@@ -404,10 +407,10 @@ class Scheduler:
     def _finish(self, done: np.ndarray, end_s: float) -> None:
         r = self.requests
         r.finish_s[done] = end_s
-        r.status[done] = Status.FINISHED
+        r.status[done] = _FINISHED
         for req in done.tolist():
             self.kv.free(req)
-        self._running = self._running[r.status[self._running] == Status.RUNNING]
+        self._running = self._running[r.status[self._running] == _RUNNING]
 
     # ---- steady-decode fast-forward (pp == 1) ----------------------------------------------
     def steady_decode_horizon(self, max_steps: int) -> int:

@@ -117,8 +117,9 @@ class CommEntry(BaseModel):
         """Predicted time of one call moving ``num_bytes`` (0 bytes costs nothing)."""
         if num_bytes <= 0:
             return 0.0
-        # The simulator prices every step's collectives here: bisect the pieces' starts.
-        k = bisect_right(self._starts, num_bytes)
+        # The simulator prices every step's collectives here: bisect the pieces' starts
+        # (read only when there are pieces: a private attribute costs a pydantic lookup).
+        k = bisect_right(self._starts, num_bytes) if self.pieces else 0
         if k:
             piece = self.pieces[k - 1]
             t = piece.alpha_s + num_bytes * piece.slope_s_per_byte

@@ -110,6 +110,9 @@ class CostModel:
         self._num_moe = [m for _, _, m in self._stage_layers]
         self._num_layers = np.array([ids.size for ids, _, _ in self._stage_layers], np.float64)
         self._comm = {}  # replica -> resolved collective lines
+        # (requests, replica) -> a pure-decode step's stage times without its attention term
+        # and that term at context 0 (decode_run_stage_times)
+        self._decode_base: dict[tuple[int, int], tuple] = {}
         # --- expert parallelism ---
         self._ep_on = model.is_moe and self.ep > 1
         if routing is not None and (routing.num_experts != model.num_routed_experts
@@ -380,13 +383,19 @@ class CostModel:
         kv = float(ctx.sum()) + num_req * (steps + 1.0)
         s, roof = self.shapes, self.roofline
         attn = attention_time_s(s, roof, num_req, 0.0, kv, 0.0, kv)  # [S]
-        # Everything else depends on R only: price one step with the same sizes, then swap in
-        # the attention term that varies.
-        work = self._work(num_req, 0, 0, 0, 0, num_req)
-        base_compute, comm, p2p = self.stage_times(work, replica)
-        attn0 = float(attention_time_s(s, roof, num_req, 0, 0, 0, 0))
-        compute = base_compute[None, :] + np.outer(attn - attn0, self._num_layers)
-        return compute, np.broadcast_to(comm, compute.shape).copy(), p2p
+        # Everything else depends on R only: price one step with the same sizes (once per R
+        # and replica), then swap in the attention term that varies.
+        base = self._decode_base.get((num_req, replica))
+        if base is None:
+            work = self._work(num_req, 0, 0, 0, 0, num_req)
+            base = (*self.stage_times(work, replica),
+                    float(attention_time_s(s, roof, num_req, 0, 0, 0, 0)))
+            self._decode_base[(num_req, replica)] = base
+        base_compute, comm, p2p, attn0 = base
+        compute = base_compute[None, :] + (attn - attn0)[:, None] * self._num_layers
+        comm_run = np.empty_like(compute)
+        comm_run[:] = comm
+        return compute, comm_run, p2p
 
     def decode_run_times(self, context_tokens: np.ndarray, num_steps: int,
                          replica: int = 0) -> np.ndarray:
