@@ -52,7 +52,7 @@ def _steady_state(s: Scheduler) -> tuple[np.ndarray, np.ndarray] | None:
     c = r.num_computed_tokens[run]
     out = r.num_output_tokens[run]
     # A plain decode has sampled (out >= 1) and holds every known token but the last.
-    if out.min() < 1 or not np.array_equal(c, r.prompt_tokens[run] + out - 1):
+    if out.min() < 1 or not (c == r.prompt_tokens[run] + out - 1).all():
         return None
     return run, c
 
