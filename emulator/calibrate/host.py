@@ -40,6 +40,7 @@ import numpy as np
 from emulator.core.work import StageWork, StepWork
 from emulator.cost.comm import HostOverhead
 from emulator.runtime.delay import SPIN_S
+from emulator.runtime.records import COMPUTE_KINDS
 
 # precise_sleep only spins below SPIN_S and sleeps (yields the core) above it: on a busy
 # host the overheads jump there, so the grid brackets it closely.
@@ -58,15 +59,46 @@ mean -11.0%: a more faithful program, no established gain (docs/results-validati
 repeat 11)."""
 
 
+KV_PROBE_ROWS = 32
+"""KV rows a TP probe step writes when no run sizes it (a decode step of 32 requests)."""
+KV_PROBE_ROW_ELEMS = 32
+"""Elements per KV row of a probe's pool when no run sizes it (llama-3.1-8b at PP=2 and the
+default memory_scale 1e-3: 33)."""
+
+
+def kv_probe_slots(group, num_rows: int, row_elems: int) -> np.ndarray:
+    """Slot ids ``0 .. num_rows - 1`` of a KV pool just large enough for them, allocated on
+    every rank of ``group`` (replacing any pool they held), so that probe steps write their
+    KV rows as a run's steps do (Worker._write_kv, right after the first layer's attention
+    delay): on the development VM that write took ~130-160 us a step and stage at PP=2,
+    dilation 1 (32 rows), which no probe measured, so the simulator priced every stage of
+    every step short by it (docs/results-validation.md, repeat 12)."""
+    bs = 16
+    group.allocate([], -(-max(1, num_rows) // bs), bs * max(1, row_elems), 1.0,
+                   kv_block_size_tokens=bs)
+    return np.arange(max(1, num_rows), dtype=np.int64)
+
+
+def kv_write_excess(gaps: np.ndarray, index: int) -> tuple[float | None, np.ndarray]:
+    """(``gaps[index]`` less the median of the other gaps, the other gaps): the KV write,
+    from a row of like gaps of one step (between its consecutive delays, or its segments
+    between collectives) of which only the one at ``index`` holds it; None without others."""
+    gaps = np.asarray(gaps, dtype=np.float64)
+    others = np.delete(gaps, index)
+    if not others.size:
+        return None, others
+    return float(gaps[index] - np.median(others)), others
+
+
 def probe_work(num_layers: int, delay_s: float, num_bytes: int,
-               gather_bytes: int | None = None) -> StepWork:
+               gather_bytes: int | None = None, num_tokens: int = 1) -> StepWork:
     layers = np.arange(num_layers, dtype=np.int64)
     stage = StageWork(stage=0, layer_ids=layers, attn_compute_s=np.full(num_layers, delay_s),
                       mlp_compute_s=np.full(num_layers, delay_s),
                       tp_allreduce_bytes=num_bytes, pre_compute_s=delay_s,
                       embed_allreduce_bytes=num_bytes, post_compute_s=delay_s,
                       logits_gather_bytes=num_bytes if gather_bytes is None else gather_bytes)
-    return StepWork(stages=[stage], num_tokens=1, num_sampled_tokens=1)
+    return StepWork(stages=[stage], num_tokens=num_tokens, num_sampled_tokens=1)
 
 
 def _segments(recs, delay_s: float, line_s: np.ndarray):
@@ -94,7 +126,8 @@ def measure_host_overhead(group, line_s, *, num_steps: int = 16,
                           num_bytes: int = PROBE_BYTES,
                           gather_bytes: int | None = None,
                           gap_model: tuple[str, str] = ("tiny", "h100"),
-                          host_mode=None) -> HostProbe:
+                          host_mode=None, kv_rows: int = KV_PROBE_ROWS,
+                          kv_row_elems: int = KV_PROBE_ROW_ELEMS) -> HostProbe:
     """Run probe steps on ``group`` (a WorkerGroup with layout tp = world) and fit.
     ``line_s(op, num_bytes)``: the benchmark line's time of one op (host seconds; all_gather
     bytes = gathered output), so excesses are measured against what the simulator prices.
@@ -108,7 +141,13 @@ def measure_host_overhead(group, line_s, *, num_steps: int = 16,
     probe measures it in the step program, spread over the probe's ~15 s.
 
     ``gap_model``: (model, hardware) of the step-gap probe (:func:`measure_step_gap`), run
-    with the ranks in ``host_mode`` (awake.HostMode; None: the defaults)."""
+    with the ranks in ``host_mode`` (awake.HostMode; None: the defaults).
+
+    Every probe step writes ``kv_rows`` KV rows of ``kv_row_elems`` elements (a run's median
+    step's; :func:`kv_probe_slots`) after its first attention delay, as a run's steps do:
+    the first segment (that delay, the write, the call into the first layer's all-reduce)
+    less the median of the step's other segments is ``kv_write_s``, and the first segment
+    is kept out of the per-collective terms."""
     n = group.world_size
     gather = num_bytes if gather_bytes is None else gather_bytes
     # The probe program: embed all-reduce, 2 per layer, logits all-gather (output n x bytes).
@@ -117,12 +156,14 @@ def measure_host_overhead(group, line_s, *, num_steps: int = 16,
     # Round-robin over the grid, one step at a time, so a burst of load from elsewhere on
     # the host spreads over all delay lengths instead of skewing one; per grid point, the
     # median over steps of each step's mean (robust to a burst, unlike a pooled mean).
-    work = {d: probe_work(GRID_LAYERS, d, num_bytes, gather) for d in grid_s}
+    work = {d: probe_work(GRID_LAYERS, d, num_bytes, gather, num_tokens=kv_rows)
+            for d in grid_s}
+    slots = kv_probe_slots(group, kv_rows, kv_row_elems)
     parts: dict[float, list] = {d: [] for d in grid_s}
     fixed = []
     for i in range(num_steps + 1):
         for d in grid_s:
-            recs = group.run_replica_step(0, work[d], None, 1.0, step_key=("probe", d, i))
+            recs = group.run_replica_step(0, work[d], slots, 1.0, step_key=("probe", d, i))
             if i == 0:
                 continue  # warm-up
             parts[d].append(_segments(recs, d, lines))
@@ -133,9 +174,11 @@ def measure_host_overhead(group, line_s, *, num_steps: int = 16,
     # With a run's all-gather the last segment and transfer are that op's own.
     keep = slice(None) if gather_bytes is None else slice(None, -1)
     delay_excess, coll_excess, wake, call, gathered = [], [], [], [], []
+    # Segment 0 (the first attention delay, then the KV write) on its own: the KV write.
+    kv = [kv_write_excess(row, 0)[0] for d in grid_s for p in parts[d] for row in p[0]]
     for d in grid_s:
-        seg = np.array([p[0].mean() for p in parts[d]])
-        crit = np.array([p[1][keep].mean() for p in parts[d]])
+        seg = np.array([p[0][:, 1:].mean() for p in parts[d]])
+        crit = np.array([p[1][1:][keep].mean() for p in parts[d]])
         sleep = np.array([p[3].mean() for p in parts[d]])
         # A segment is the delay's own excess (what a pipeline-only stage, whose delays
         # follow each other, pays too) plus the call into the collective after it.
@@ -150,6 +193,7 @@ def measure_host_overhead(group, line_s, *, num_steps: int = 16,
                                      host_mode=host_mode)
     host = HostOverhead(num_ranks=n, step_gap_s=gap0, step_gap_s_per_collective=gap_per,
                         step_fixed_s=max(0.0, float(np.median(fixed))),
+                        kv_write_s=max(0.0, float(np.median(kv))),
                         collective_call_s=max(0.0, float(np.median(call))),
                         delay_grid_s=list(grid_s), delay_excess_s=delay_excess,
                         collective_excess_s=coll_excess, wake_s=wake)
@@ -219,10 +263,10 @@ def with_idle(work: StepWork, dilation: float, idle_s: float, sender_waits: bool
 
 def measure_pipeline_wake(group, line_s, num_bytes: int = PROBE_BYTES,
                           grid_s: tuple[float, ...] = P2P_IDLE_GRID_S, num_steps: int = 24,
-                          template: StepWork | None = None, dilation: float = 1.0
-                          ) -> dict[str, list[float]]:
+                          template: StepWork | None = None, dilation: float = 1.0,
+                          kv_row_elems: int = KV_PROBE_ROW_ELEMS) -> dict[str, list[float]]:
     """The pipeline fields of a HostOverhead (p2p_idle_grid_s, p2p_wake_s, p2p_send_wake_s,
-    p2p_recv_idle_s, p2p_send_idle_s, delay_gap_s), measured the way an emulation runs its transfers:
+    p2p_recv_idle_s, p2p_send_idle_s, delay_gap_s, and with a template kv_write_s), measured the way an emulation runs its transfers:
     ``group`` is a 2-stage WorkerGroup (layout pp=2) and the driver keeps two plans in
     flight, as with two micro-batches. For each idle time d on the grid, once with stage 0
     slower by d (stage 1 idles in its recv for the activations) and once with stage 1 slower
@@ -234,8 +278,14 @@ def measure_pipeline_wake(group, line_s, num_bytes: int = PROBE_BYTES,
     the gaps between them are ``delay_gap_s`` (median over stages and plans of the mean gap).
 
     The stages run ``template``'s program at ``dilation`` (:func:`pipeline_stages`: the
-    run being validated), or without one a single delay each."""
+    run being validated), or without one a single delay each. With a template each stage
+    also writes the step's KV rows (``template.num_tokens`` of ``kv_row_elems`` elements)
+    after its first attention delay, as in the run: that gap less the median of the
+    stage's other gaps is ``kv_write_s`` (returned only then), and it is kept out of
+    ``delay_gap_s``."""
+    attn = COMPUTE_KINDS.index("attn")
     line = line_s("send_recv", num_bytes)
+    slots = None
     if template is None:
         base_s = 2e-4  # the faster stage's delay
         work_at = lambda d, sender_waits: pipeline_work(  # noqa: E731
@@ -244,15 +294,17 @@ def measure_pipeline_wake(group, line_s, num_bytes: int = PROBE_BYTES,
     else:
         shape = pipeline_stages(template, dilation, num_bytes)
         work_at = lambda d, sender_waits: with_idle(shape, dilation, d, sender_waits)  # noqa: E731
+        slots = kv_probe_slots(group, shape.num_tokens, kv_row_elems)
     warmup = 2     # plans whose transfers fall while the pipeline fills
     wakes: dict[bool, list[float]] = {False: [], True: []}
     idles: dict[bool, list[float]] = {False: [], True: []}
     gaps: list[float] = []  # per stage and plan: mean time between consecutive delays
+    kv: list[float] = []  # per stage and plan: the KV write (with a template)
     for sender_waits in (False, True):
         for d in grid_s:
             work = work_at(d, sender_waits)
             submit = lambda i: group.submit_replica_step(  # noqa: E731
-                0, work, None, dilation, step_key=("p2p", sender_waits, d, i))
+                0, work, slots, dilation, step_key=("p2p", sender_waits, d, i))
             in_flight, excess, idle = submit(0), [], []
             for i in range(1, warmup + num_steps + 1):
                 nxt = submit(i)  # two plans in flight while the older one is collected
@@ -262,15 +314,25 @@ def measure_pipeline_wake(group, line_s, num_bytes: int = PROBE_BYTES,
                     entry = [r.coll_entry_s[0] for r in recs]
                     excess.append(max(r.coll_exit_s[0] for r in recs) - max(entry) - line)
                     idle.append(max(entry) - min(entry))
-                    gaps += [float(np.mean(r.comp_start_s[1:] - r.comp_end_s[:-1]))
-                             for r in recs if r.comp_start_s.size > 1]
+                    for r in recs:
+                        g = r.comp_start_s[1:] - r.comp_end_s[:-1]
+                        if slots is not None:  # the KV write follows the first attention
+                            write, g = kv_write_excess(
+                                g, int(np.flatnonzero(r.comp_kind == attn)[0]))
+                            if write is not None:
+                                kv.append(write)
+                        if g.size:
+                            gaps.append(float(np.mean(g)))
             group.collect(in_flight)
             wakes[sender_waits].append(float(np.median(excess)))
             idles[sender_waits].append(float(np.median(idle)))
-    return {"p2p_idle_grid_s": list(grid_s), "p2p_wake_s": wakes[False],
-            "p2p_send_wake_s": wakes[True], "p2p_recv_idle_s": idles[False],
-            "p2p_send_idle_s": idles[True],
-            "delay_gap_s": max(0.0, float(np.median(gaps))) if gaps else 0.0}
+    out = {"p2p_idle_grid_s": list(grid_s), "p2p_wake_s": wakes[False],
+           "p2p_send_wake_s": wakes[True], "p2p_recv_idle_s": idles[False],
+           "p2p_send_idle_s": idles[True],
+           "delay_gap_s": max(0.0, float(np.median(gaps))) if gaps else 0.0}
+    if kv:
+        out["kv_write_s"] = max(0.0, float(np.median(kv)))
+    return out
 
 
 def measure_step_gap(group, layers: tuple[int, ...] = GAP_LAYERS,

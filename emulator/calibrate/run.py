@@ -22,7 +22,8 @@ def probe_host(world: int, profile: CommProfile, *, address: str | None = None,
                num_bytes: int | None = None, pipeline_template: StepWork | None = None,
                dilation: float = 1.0, gather_bytes: int | None = None,
                gap_model: tuple[str, str] = ("tiny", "h100"),
-               pipeline_gap: bool = False) -> HostProbe:
+               pipeline_gap: bool = False, kv_rows: int | None = None,
+               kv_row_elems: int | None = None) -> HostProbe:
     """Start ``world`` workers (TP over all of them) and measure the host overheads against
     ``profile``'s lines, with the ranks waiting as an emulation in ``host_mode`` waits (the
     overheads differ a lot between modes), with messages of ``num_bytes`` (default
@@ -35,9 +36,12 @@ def probe_host(world: int, profile: CommProfile, *, address: str | None = None,
     (model, hardware) of the run whose gap between steps is probed. ``pipeline_gap`` (a
     run with PP): the gap is the round trip between a micro-batch's steps in the 2-stage
     group instead (calibrate.host.measure_pipeline_gap), the per-collective slope still
-    the TP probe's."""
-    from emulator.calibrate.host import (PROBE_BYTES, measure_host_overhead,
-                                         measure_pipeline_gap, measure_pipeline_wake)
+    the TP probe's. ``kv_rows``, ``kv_row_elems``: the KV rows a step of the run writes and
+    their size (defaults KV_PROBE_ROWS, KV_PROBE_ROW_ELEMS); the pipeline probe writes its
+    template's rows."""
+    from emulator.calibrate.host import (KV_PROBE_ROW_ELEMS, KV_PROBE_ROWS, PROBE_BYTES,
+                                         measure_host_overhead, measure_pipeline_gap,
+                                         measure_pipeline_wake)
     from emulator.runtime.cluster import WorkerGroup
     from emulator.runtime.ray_setup import start_ray
     from emulator.specs import ParallelLayout
@@ -50,13 +54,16 @@ def probe_host(world: int, profile: CommProfile, *, address: str | None = None,
             g.set_host_mode(host_mode)
             probe = measure_host_overhead(g, line_s, num_bytes=num_bytes or PROBE_BYTES,
                                           gather_bytes=gather_bytes, gap_model=gap_model,
-                                          host_mode=host_mode)
+                                          host_mode=host_mode,
+                                          kv_rows=kv_rows or KV_PROBE_ROWS,
+                                          kv_row_elems=kv_row_elems or KV_PROBE_ROW_ELEMS)
         if not any(e.op == "send_recv" for e in profile.entries):
             return probe
         with WorkerGroup(ParallelLayout(pp=2), backend="gloo", timeout_s=timeout_s) as g:
             g.set_host_mode(host_mode)
             pipeline = measure_pipeline_wake(g, line_s, num_bytes=num_bytes or PROBE_BYTES,
-                                             template=pipeline_template, dilation=dilation)
+                                             template=pipeline_template, dilation=dilation,
+                                             kv_row_elems=kv_row_elems or KV_PROBE_ROW_ELEMS)
             if pipeline_gap:
                 pipeline["step_gap_s"], pipeline["step_gap_driver_s"] = \
                     measure_pipeline_gap(g, *gap_model, host_mode=host_mode)

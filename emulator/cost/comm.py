@@ -164,7 +164,7 @@ class HostOverhead(BaseModel):
     line, so they also carry the host's drift since the benchmark and can be negative. One
     stage of one step lasts::
 
-        sum(delays) + sum(lines) + step_fixed_s
+        sum(delays) + sum(lines) + step_fixed_s + kv_write_s
           + sum over delays of delay_excess(delay)
           + sum over group collectives of (collective_call_s
                                            + collective_excess(delay before it))
@@ -199,6 +199,12 @@ class HostOverhead(BaseModel):
         default=0.0, ge=0.0, description="Per group collective: the time between leaving a "
         "compute delay and entering the collective (Python, recording, buffer set-up); "
         "pipeline-only stages, whose delays follow each other, do not pay it.")
+    kv_write_s: float = Field(
+        default=0.0, ge=0.0, description="Per step and rank: writing the step's KV rows into "
+        "the pool (index fill of its slots and the bookkeeping), which the worker does right "
+        "after the first layer's attention delay, beyond an ordinary gap or call there. "
+        "Measured by the host probes writing the rows of the run's median step; 0 in profiles "
+        "written before it was.")
     delay_gap_s: float = Field(
         default=0.0, ge=0.0, description="Between two compute delays of a stage that follow "
         "each other with no collective between (pipeline-only stages): the time from the end "
@@ -307,7 +313,7 @@ class HostOverhead(BaseModel):
         """Every time (the grid too) multiplied by ``factor`` (1 / dilation: target units)."""
         update = {k: getattr(self, k) * factor for k in (
             "step_gap_s", "step_gap_s_per_collective", "step_fixed_s", "collective_call_s",
-            "delay_gap_s")}
+            "delay_gap_s", "kv_write_s")}
         update.update({k: [v * factor for v in getattr(self, k)] for k in (
             "delay_grid_s", "delay_excess_s", "collective_excess_s", "wake_s")})
         for k in ("p2p_wake_s", "p2p_idle_grid_s", "p2p_send_wake_s", "p2p_recv_idle_s",

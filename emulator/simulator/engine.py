@@ -121,9 +121,9 @@ class CostModelExecutor:
     ``host`` (only ``emulator validate`` sets it, already scaled to target units) adds the
     emulator host's overheads so the simulator predicts an emulation on that host
     (comm.HostOverhead): before a plan, the driver's round trip since the previous plan of
-    the replica ended; in every stage, the fixed per-step time, the excess of each compute
-    delay, the gap between delays that follow each other and, per group collective, the
-    straggler wait (the step waits for the last rank).
+    the replica ended; in every stage, the fixed per-step time, the write of the step's KV
+    rows, the excess of each compute delay, the gap between delays that follow each other
+    and, per group collective, the straggler wait (the step waits for the last rank).
 
     PP bubbles: a stage starts when its activations arrive, and a transfer starts when the
     sender is done and the receiving stage is free (and the plan submitted): a rendezvous,
@@ -151,7 +151,8 @@ class CostModelExecutor:
             delays = np.concatenate([st.attn_compute_s, st.mlp_compute_s,
                                      [st.pre_compute_s] if p == 0 else [],
                                      [st.post_compute_s] if p == pp - 1 else []])
-            over[p] = h.step_fixed_s + float(h.delay_excess(delays).sum())
+            # Every stage writes its KV rows once per step (the emulator records slots).
+            over[p] = h.step_fixed_s + h.kv_write_s + float(h.delay_excess(delays).sum())
             num_group = 0
             if tp > 1:  # every delay is followed by a TP collective (worker.run_step)
                 over[p] += float(h.collective_excess(delays).sum())

@@ -100,6 +100,15 @@ def probe_plan(config: RunConfig) -> tuple[int, StepWork | None]:
     return num_bytes, setup.cost.step_work(plan)
 
 
+def kv_row_elems(config: RunConfig) -> int:
+    """Elements per row of a rank's KV pool in the run (Worker.allocate's ``row_elems``):
+    the host probes write KV rows of this size (calibrate.host.kv_probe_slots)."""
+    from emulator.runtime.shards import ELEMENT_BYTES
+
+    block_elems = build_run(config).memory.kv_bytes_per_block_per_rank // ELEMENT_BYTES
+    return max(1, round(block_elems * config.memory_scale / config.block_size))
+
+
 def gather_bytes(config: RunConfig, template: StepWork | None) -> int | None:
     """The logits all-gather (bytes per rank) of ``template`` (probe_plan's step) in a TP
     run, which the host probe re-measures (calibrate.host.measure_host_overhead), else None:
@@ -256,6 +265,7 @@ def validate(config: RunConfig, outdir: Path, *, host_probe: bool = True,
     if thermometer and config.tp > 1:
         config = config.model_copy(update={"thermometer_bytes": num_bytes})
     gather = gather_bytes(config, template)
+    row_elems = kv_row_elems(config)
 
     # A run whose every delay is followed by a TP collective has no pipeline transfers and
     # no back-to-back delays: nothing of the run-shaped pipeline probe prices it, so that
@@ -270,7 +280,9 @@ def validate(config: RunConfig, outdir: Path, *, host_probe: bool = True,
                                  pipeline_template=template if pipelined else None,
                                  dilation=config.dilation, gather_bytes=gather,
                                  gap_model=(config.model, config.hardware),
-                                 pipeline_gap=config.pp > 1))
+                                 pipeline_gap=config.pp > 1,
+                                 kv_rows=template.num_tokens if template is not None else None,
+                                 kv_row_elems=row_elems))
 
     if host_probe:
         probe()

@@ -154,6 +154,15 @@ def test_host_terms_of_one_stage():
         assert got == pytest.approx(base + num_gaps * 3e-6)
     assert gapped.scaled(0.5).delay_gap_s == pytest.approx(1.5e-6)
     assert HOST.delay_gap_s == 0.0  # profiles written before it price no gap
+    # The KV write: once per stage and step, with or without collectives; scaled too.
+    written = HOST.model_copy(update={"kv_write_s": 1.3e-4})
+    for tp, base in ((1, over1), (2, over)):
+        ex = CostModelExecutor(SimpleNamespace(tp=tp, ep=1), None, host=written)
+        _, got = ex._host_terms(probe_work(2, 5e-4, 4096 if tp > 1 else 0), 1)
+        assert got == pytest.approx(base + 1.3e-4)
+    assert written.scaled(0.5).kv_write_s == pytest.approx(6.5e-5)
+    assert written.averaged(HOST).kv_write_s == pytest.approx(6.5e-5)
+    assert HOST.kv_write_s == 0.0  # profiles written before it price no write
 
 
 def test_pipeline_probe_arithmetic_exact():
@@ -188,6 +197,49 @@ def test_pipeline_probe_arithmetic_exact():
     assert got["p2p_wake_s"] == pytest.approx([2e-5] * 3)
     assert got["p2p_send_wake_s"] == pytest.approx([5e-5] * 3)
     assert got["delay_gap_s"] == pytest.approx(5e-6)  # median of 4 and 6 us
+    HostOverhead(**{**HOST.model_dump(), **got})  # a valid pipeline section
+
+
+def test_pipeline_probe_with_a_template_measures_the_kv_write_apart_from_the_gaps():
+    from emulator.calibrate.host import measure_pipeline_wake
+    from emulator.core.work import StageWork, StepWork
+
+    def stage(s, pre=0.0, post=0.0):
+        return StageWork(stage=s, layer_ids=np.arange(2) + 2 * s, attn_compute_s=np.full(2, 1e-4),
+                         mlp_compute_s=np.full(2, 1e-4), tp_allreduce_bytes=0,
+                         pre_compute_s=pre, post_compute_s=post,
+                         pp_send_bytes=0 if s else 4096)
+    template = StepWork(stages=[stage(0, pre=1e-5), stage(1, post=1e-5)], num_tokens=24,
+                        num_sampled_tokens=8)
+    pre, attn, mlp, post = range(4)
+
+    class Group:  # every gap 4 us, but the one after a stage's first attention: +120 us
+        pool = None
+
+        def allocate(self, weights, num_blocks, block_elems, scale, kv_block_size_tokens):
+            self.pool = (num_blocks * kv_block_size_tokens, block_elems * scale
+                         / kv_block_size_tokens)
+
+        def submit_replica_step(self, replica, work, slots, dilation, step_key):
+            assert list(slots) == list(range(24)) and self.pool == (32, 10)
+            return step_key
+
+        def collect(self, key):
+            recs = []
+            for kinds in ((pre, attn, mlp, attn, mlp), (attn, mlp, attn, mlp, post)):
+                kinds = np.array(kinds)
+                first = int(np.flatnonzero(kinds == attn)[0])
+                gaps = np.where(np.arange(4) == first, 4e-6 + 1.2e-4, 4e-6)
+                start = np.r_[0.0, np.cumsum(1e-4 + gaps)]
+                recs.append(SimpleNamespace(
+                    coll_entry_s=np.array([1.0]), coll_exit_s=np.array([1.0002]),
+                    comp_start_s=start, comp_end_s=start + 1e-4, comp_kind=kinds))
+            return recs
+
+    got = measure_pipeline_wake(Group(), lambda op, b: 1e-4, grid_s=(0.0, 1e-3), num_steps=3,
+                                template=template, dilation=1.0, kv_row_elems=10)
+    assert got["kv_write_s"] == pytest.approx(1.2e-4)
+    assert got["delay_gap_s"] == pytest.approx(4e-6)  # the write kept out of the gaps
     HostOverhead(**{**HOST.model_dump(), **got})  # a valid pipeline section
 
 
@@ -271,14 +323,24 @@ def test_probe_re_measures_the_runs_all_gather_apart_from_the_overheads(monkeypa
 
     class Group:  # 17 all-reduces, then the all-gather: 10 us slower than back to back
         world_size = 2
+        pool = None
+
+        def allocate(self, weights, num_blocks, block_elems, scale, kv_block_size_tokens):
+            self.pool = (num_blocks * kv_block_size_tokens, block_elems * scale
+                         / kv_block_size_tokens)
 
         def run_replica_step(self, replica, work, slots, dilation, step_key):
             st = work.stages[0]
             d = float(st.attn_compute_s[0])
             durs = [line_ar + 1e-5] * 17 + [1.2 * line_ag + 1e-5]  # the all-gather 1.2x
             assert st.logits_gather_bytes == 4096 and st.tp_allreduce_bytes == 64
+            # the step writes its 40 KV rows (of 24 elements) into the pool
+            assert list(slots) == list(range(40)) == list(range(work.num_tokens))
+            assert self.pool == (48, 24)
             t, entry, exit_, comp = 0.0, [], [], []
-            for dur in durs:
+            for k, dur in enumerate(durs):
+                if k == 1:  # the KV write, after the first layer's attention delay
+                    t += 1.3e-4
                 comp.append((t, t + d))
                 entry.append(t + d)
                 exit_.append(t + d + dur)
@@ -294,11 +356,15 @@ def test_probe_re_measures_the_runs_all_gather_apart_from_the_overheads(monkeypa
 
     grid = (0.0, 1e-3)
     got = host_mod.measure_host_overhead(Group(), line_s, num_steps=3, grid_s=grid,
-                                         num_bytes=64, gather_bytes=4096)
+                                         num_bytes=64, gather_bytes=4096, kv_rows=40,
+                                         kv_row_elems=24)
     assert got.line_factors == {"all_gather": pytest.approx(1.2)}
     assert got.host.wake_s == pytest.approx([1e-5] * 2)
-    # the all-gather's segment kept out of the mean (with it: (16 x 10 + 410) / 17 us)
+    # the all-gather's segment kept out of the mean (with it: (16 x 10 + 410) / 17 us),
+    # and the first one, which holds the KV write, too
     assert got.host.collective_excess_s == pytest.approx([1e-5] * 2)
+    assert got.host.collective_call_s == pytest.approx(0.0, abs=1e-12)
+    assert got.host.kv_write_s == pytest.approx(1.3e-4)
     assert got.host.step_gap_s == 1e-3
 
 
