@@ -266,7 +266,8 @@ def measure_pipeline_wake(group, line_s, num_bytes: int = PROBE_BYTES,
                           template: StepWork | None = None, dilation: float = 1.0,
                           kv_row_elems: int = KV_PROBE_ROW_ELEMS) -> dict[str, list[float]]:
     """The pipeline fields of a HostOverhead (p2p_idle_grid_s, p2p_wake_s, p2p_send_wake_s,
-    p2p_recv_idle_s, p2p_send_idle_s, delay_gap_s, and with a template kv_write_s), measured the way an emulation runs its transfers:
+    p2p_recv_idle_s, p2p_send_idle_s, delay_gap_s, p2p_stage_fixed_s, and with a template
+    kv_write_s), measured the way an emulation runs its transfers:
     ``group`` is a 2-stage WorkerGroup (layout pp=2) and the driver keeps two plans in
     flight, as with two micro-batches. For each idle time d on the grid, once with stage 0
     slower by d (stage 1 idles in its recv for the activations) and once with stage 1 slower
@@ -300,6 +301,7 @@ def measure_pipeline_wake(group, line_s, num_bytes: int = PROBE_BYTES,
     idles: dict[bool, list[float]] = {False: [], True: []}
     gaps: list[float] = []  # per stage and plan: mean time between consecutive delays
     kv: list[float] = []  # per stage and plan: the KV write (with a template)
+    fixed: dict[int, list[float]] = {0: [], 1: []}  # per stage: time outside the delays
     for sender_waits in (False, True):
         for d in grid_s:
             work = work_at(d, sender_waits)
@@ -314,7 +316,13 @@ def measure_pipeline_wake(group, line_s, num_bytes: int = PROBE_BYTES,
                     entry = [r.coll_entry_s[0] for r in recs]
                     excess.append(max(r.coll_exit_s[0] for r in recs) - max(entry) - line)
                     idle.append(max(entry) - min(entry))
-                    for r in recs:
+                    for stage, r in enumerate(recs):
+                        # the stage's begin (stage 0: its step's start; stage 1: its recv's
+                        # end) to its first delay, and its last delay to its send or end
+                        begin = r.start_s if stage == 0 else r.coll_exit_s[0]
+                        end = r.coll_entry_s[0] if stage == 0 else r.end_s
+                        fixed[stage].append(float(r.comp_start_s[0] - begin
+                                                  + end - r.comp_end_s[-1]))
                         g = r.comp_start_s[1:] - r.comp_end_s[:-1]
                         if slots is not None:  # the KV write follows the first attention
                             write, g = kv_write_excess(
@@ -329,7 +337,8 @@ def measure_pipeline_wake(group, line_s, num_bytes: int = PROBE_BYTES,
     out = {"p2p_idle_grid_s": list(grid_s), "p2p_wake_s": wakes[False],
            "p2p_send_wake_s": wakes[True], "p2p_recv_idle_s": idles[False],
            "p2p_send_idle_s": idles[True],
-           "delay_gap_s": max(0.0, float(np.median(gaps))) if gaps else 0.0}
+           "delay_gap_s": max(0.0, float(np.median(gaps))) if gaps else 0.0,
+           "p2p_stage_fixed_s": [max(0.0, float(np.median(fixed[s]))) for s in (0, 1)]}
     if kv:
         out["kv_write_s"] = max(0.0, float(np.median(kv)))
     return out

@@ -164,7 +164,7 @@ class HostOverhead(BaseModel):
     line, so they also carry the host's drift since the benchmark and can be negative. One
     stage of one step lasts::
 
-        sum(delays) + sum(lines) + step_fixed_s + kv_write_s
+        sum(delays) + sum(lines) + step_fixed_s (or p2p_stage_fixed_s) + kv_write_s
           + sum over delays of delay_excess(delay)
           + sum over group collectives of (collective_call_s
                                            + collective_excess(delay before it))
@@ -238,6 +238,15 @@ class HostOverhead(BaseModel):
     p2p_send_idle_s: list[float] | None = Field(
         default=None, description="Per p2p_idle_grid_s point: the sender's idle time the probe "
         "measured there (median), the x of p2p_send_wake_s; None: the grid itself.")
+    p2p_stage_fixed_s: list[float] | None = Field(
+        default=None, description="[first stage, receiving stage]: per step, a pipeline "
+        "stage's time outside its delays, the gaps between them, its KV write and its "
+        "transfers: the first stage from its step's start to its first delay plus from its "
+        "last delay into its send, a receiving stage from its recv's end to its first delay "
+        "plus from its last delay to its step's end. Measured by the pipeline probe; used "
+        "instead of step_fixed_s for the stages of a pipeline without TP (a receiving stage "
+        "starts when its activations arrive, so its step's prologue is hidden in the wait). "
+        "None: step_fixed_s.")
 
     @model_validator(mode="after")
     def _grid(self) -> HostOverhead:
@@ -254,6 +263,8 @@ class HostOverhead(BaseModel):
                 self.p2p_wake_s is None or len(self.p2p_send_wake_s) != len(self.p2p_wake_s)):
             raise ValueError("p2p_send_wake_s needs p2p_wake_s and one value per "
                              "p2p_idle_grid_s point")
+        if self.p2p_stage_fixed_s is not None and len(self.p2p_stage_fixed_s) != 2:
+            raise ValueError("p2p_stage_fixed_s needs two values: first stage, receiving stage")
         for name in ("p2p_recv_idle_s", "p2p_send_idle_s"):
             xs = getattr(self, name)
             if xs is not None and (self.p2p_idle_grid_s is None
@@ -317,7 +328,7 @@ class HostOverhead(BaseModel):
         update.update({k: [v * factor for v in getattr(self, k)] for k in (
             "delay_grid_s", "delay_excess_s", "collective_excess_s", "wake_s")})
         for k in ("p2p_wake_s", "p2p_idle_grid_s", "p2p_send_wake_s", "p2p_recv_idle_s",
-                  "p2p_send_idle_s"):
+                  "p2p_send_idle_s", "p2p_stage_fixed_s"):
             if getattr(self, k) is not None:
                 update[k] = [v * factor for v in getattr(self, k)]
         return self.model_copy(update=update)

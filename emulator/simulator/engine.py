@@ -151,8 +151,13 @@ class CostModelExecutor:
             delays = np.concatenate([st.attn_compute_s, st.mlp_compute_s,
                                      [st.pre_compute_s] if p == 0 else [],
                                      [st.post_compute_s] if p == pp - 1 else []])
+            # A pipeline stage without TP: its own fixed time, by role (a receiving stage's
+            # prologue runs while it waits for its activations).
+            fixed = h.step_fixed_s
+            if pp > 1 and tp == 1 and h.p2p_stage_fixed_s is not None:
+                fixed = h.p2p_stage_fixed_s[0 if p == 0 else 1]
             # Every stage writes its KV rows once per step (the emulator records slots).
-            over[p] = h.step_fixed_s + h.kv_write_s + float(h.delay_excess(delays).sum())
+            over[p] = fixed + h.kv_write_s + float(h.delay_excess(delays).sum())
             num_group = 0
             if tp > 1:  # every delay is followed by a TP collective (worker.run_step)
                 over[p] += float(h.collective_excess(delays).sum())

@@ -163,6 +163,19 @@ def test_host_terms_of_one_stage():
     assert written.scaled(0.5).kv_write_s == pytest.approx(6.5e-5)
     assert written.averaged(HOST).kv_write_s == pytest.approx(6.5e-5)
     assert HOST.kv_write_s == 0.0  # profiles written before it price no write
+    # A pipeline without TP: each stage's own fixed time by role instead of step_fixed_s.
+    staged = HOST.model_copy(update={"p2p_stage_fixed_s": [5e-5, 1.4e-5]})
+    two = probe_work(2, 5e-4, 0)
+    two.stages = [two.stages[0], two.stages[0]]
+    _, got = CostModelExecutor(SimpleNamespace(tp=1, ep=1), None, host=staged)._host_terms(two, 2)
+    # 5 delays a stage (the embedding on the first, the LM head on the last): 30 us each
+    assert got == pytest.approx(np.array([5e-5, 1.4e-5]) + 5 * 3e-5)
+    _, got = CostModelExecutor(SimpleNamespace(tp=2, ep=1), None, host=staged)._host_terms(
+        probe_work(2, 5e-4, 4096), 1)
+    assert got == pytest.approx(over)  # with TP (or one stage) step_fixed_s still
+    assert staged.scaled(0.5).p2p_stage_fixed_s == pytest.approx([2.5e-5, 7e-6])
+    with pytest.raises(ValueError, match="p2p_stage_fixed_s needs two values"):
+        HostOverhead(**{**HOST.model_dump(), "p2p_stage_fixed_s": [1e-5]})
 
 
 def test_pipeline_probe_arithmetic_exact():
@@ -187,7 +200,7 @@ def test_pipeline_probe_arithmetic_exact():
                 recs.append(SimpleNamespace(
                     coll_entry_s=np.array([first if waits else last]),
                     coll_exit_s=np.array([exit_]), comp_start_s=start,
-                    comp_end_s=start + 1e-4))
+                    comp_end_s=start + 1e-4, start_s=0.0, end_s=exit_))
             return recs
 
     got = measure_pipeline_wake(Group(), lambda op, b: 1e-4, grid_s=grid, num_steps=4)
@@ -226,20 +239,28 @@ def test_pipeline_probe_with_a_template_measures_the_kv_write_apart_from_the_gap
 
         def collect(self, key):
             recs = []
-            for kinds in ((pre, attn, mlp, attn, mlp), (attn, mlp, attn, mlp, post)):
+            for stage, kinds in enumerate(((pre, attn, mlp, attn, mlp),
+                                           (attn, mlp, attn, mlp, post))):
                 kinds = np.array(kinds)
                 first = int(np.flatnonzero(kinds == attn)[0])
                 gaps = np.where(np.arange(4) == first, 4e-6 + 1.2e-4, 4e-6)
                 start = np.r_[0.0, np.cumsum(1e-4 + gaps)]
+                end = start + 1e-4
+                if stage == 0:  # 20 us into the first delay, 30 us from the last to the send
+                    entry, exit_, t0, t1 = end[-1] + 3e-5, end[-1] + 3e-4, -2e-5, end[-1] + 3e-4
+                else:  # 10 us from the recv's end to the first delay, 4 us to the step's end
+                    entry, exit_, t0, t1 = -1e-3, -1e-5, -1e-3, end[-1] + 4e-6
                 recs.append(SimpleNamespace(
-                    coll_entry_s=np.array([1.0]), coll_exit_s=np.array([1.0002]),
-                    comp_start_s=start, comp_end_s=start + 1e-4, comp_kind=kinds))
+                    coll_entry_s=np.array([entry]), coll_exit_s=np.array([exit_]),
+                    comp_start_s=start, comp_end_s=end, comp_kind=kinds, start_s=t0,
+                    end_s=t1))
             return recs
 
     got = measure_pipeline_wake(Group(), lambda op, b: 1e-4, grid_s=(0.0, 1e-3), num_steps=3,
                                 template=template, dilation=1.0, kv_row_elems=10)
     assert got["kv_write_s"] == pytest.approx(1.2e-4)
     assert got["delay_gap_s"] == pytest.approx(4e-6)  # the write kept out of the gaps
+    assert got["p2p_stage_fixed_s"] == pytest.approx([5e-5, 1.4e-5])
     HostOverhead(**{**HOST.model_dump(), **got})  # a valid pipeline section
 
 
