@@ -13,7 +13,10 @@ delay length ``d`` on a grid:
 - ``collective_excess(d)``: the critical path of a segment, ``max exit_k - max exit_{k-1}``
   over ranks, minus ``d``, ``delay_excess(d)`` and the benchmark line of collective k;
 - ``wake(d)``: ``max exit_k - max entry_k`` (the transfer once the last rank has entered)
-  minus the line: how much slower than back to back a collective after an idle delay is.
+  minus the line: how much slower than back to back a collective after an idle delay is;
+- ``kv_write_s``: every probe step writes KV rows after its first attention delay, as a
+  run's steps do; its first segment less the median of its others is that write (and the
+  first segment is kept out of the terms above).
 
 Then at ``d = 1 ms`` with two layer counts: ``step_fixed_s`` (per rank, the time before
 the first collective less its delay plus the time after the last collective) and the gap between steps — the driver submits, waits for every rank's records, turns them
@@ -25,7 +28,8 @@ Pipeline transfers are probed on a second, 2-stage group (:func:`measure_pipelin
 real 2-stage steps with two plans in flight, one stage slower than the other by an idle
 time on a grid, in both orders (the receiver idles in its recv, or the sender in its send);
 the stages run the program of a step of the run to be priced when there is one
-(:func:`pipeline_stages`), and each curve is placed at the idle times measured.
+(:func:`pipeline_stages`, writing its KV rows too), and each curve is placed at the idle
+times measured; each stage role's time outside its delays gives ``p2p_stage_fixed_s``.
 """
 
 from __future__ import annotations
