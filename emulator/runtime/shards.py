@@ -45,3 +45,9 @@ def stage_weight_shapes(model: ModelSpec, layout: ParallelLayout) -> list[list[t
             shapes.append((total_elems - used,))
         out.append(shapes)
     return out
+
+
+def kv_row_elems(kv_block_elems: int, memory_scale: float, kv_block_size_tokens: int) -> int:
+    """Elements per row (token slot) of a rank's KV pool: a block's elements scaled by
+    ``memory_scale``, split into its token rows (at least one)."""
+    return max(1, round(kv_block_elems * memory_scale / kv_block_size_tokens))

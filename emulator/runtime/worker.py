@@ -49,6 +49,7 @@ from emulator.runtime.groups import TimedCollectives, init_process_groups, rank_
 from emulator.runtime.ray_setup import LayoutLike
 from emulator.runtime.records import (COMPUTE_KINDS, NO_LAYER, PROBE_LAYER, CollectiveState,
                                       StepRecords)
+from emulator.runtime.shards import kv_row_elems
 
 DTYPE = torch.bfloat16
 DTYPE_BYTES = 2
@@ -189,7 +190,7 @@ class Worker:
             weight_alloc += scaled * DTYPE_BYTES
             weight_repr += numel * DTYPE_BYTES
         num_rows = kv_num_blocks * kv_block_size_tokens
-        row_elems = max(1, round(kv_block_elems * memory_scale / kv_block_size_tokens))
+        row_elems = kv_row_elems(kv_block_elems, memory_scale, kv_block_size_tokens)
         self._kv_pool = torch.zeros(num_rows, row_elems, dtype=DTYPE, device=self._device)
         self._kv_written = np.zeros(num_rows, dtype=bool)
         # Run the KV write path once on row 0 and undo it: its first call loads code

@@ -100,13 +100,13 @@ def probe_plan(config: RunConfig) -> tuple[int, StepWork | None]:
     return num_bytes, setup.cost.step_work(plan)
 
 
-def kv_row_elems(config: RunConfig) -> int:
-    """Elements per row of a rank's KV pool in the run (Worker.allocate's ``row_elems``):
-    the host probes write KV rows of this size (calibrate.host.kv_probe_slots)."""
-    from emulator.runtime.shards import ELEMENT_BYTES
+def run_kv_row_elems(config: RunConfig) -> int:
+    """Elements per row of a rank's KV pool in the run (as Worker.allocate sizes it): the
+    host probes write KV rows of this size (calibrate.host.kv_probe_slots)."""
+    from emulator.runtime.shards import ELEMENT_BYTES, kv_row_elems
 
     block_elems = build_run(config).memory.kv_bytes_per_block_per_rank // ELEMENT_BYTES
-    return max(1, round(block_elems * config.memory_scale / config.block_size))
+    return kv_row_elems(block_elems, config.memory_scale, config.block_size)
 
 
 def gather_bytes(config: RunConfig, template: StepWork | None) -> int | None:
@@ -265,7 +265,7 @@ def validate(config: RunConfig, outdir: Path, *, host_probe: bool = True,
     if thermometer and config.tp > 1:
         config = config.model_copy(update={"thermometer_bytes": num_bytes})
     gather = gather_bytes(config, template)
-    row_elems = kv_row_elems(config)
+    row_elems = run_kv_row_elems(config)
 
     # A run whose every delay is followed by a TP collective has no pipeline transfers and
     # no back-to-back delays: nothing of the run-shaped pipeline probe prices it, so that
