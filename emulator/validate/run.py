@@ -100,15 +100,6 @@ def probe_plan(config: RunConfig) -> tuple[int, StepWork | None]:
     return num_bytes, setup.cost.step_work(plan)
 
 
-def run_kv_row_elems(config: RunConfig) -> int:
-    """Elements per row of a rank's KV pool in the run (as Worker.allocate sizes it): the
-    host probes write KV rows of this size (calibrate.host.kv_probe_slots)."""
-    from emulator.runtime.shards import ELEMENT_BYTES, kv_row_elems
-
-    block_elems = build_run(config).memory.kv_bytes_per_block_per_rank // ELEMENT_BYTES
-    return kv_row_elems(block_elems, config.memory_scale, config.block_size)
-
-
 def gather_bytes(config: RunConfig, template: StepWork | None) -> int | None:
     """The logits all-gather (bytes per rank) of ``template`` (probe_plan's step) in a TP
     run, which the host probe re-measures (calibrate.host.measure_host_overhead), else None:
@@ -257,6 +248,7 @@ def validate(config: RunConfig, outdir: Path, *, host_probe: bool = True,
     ``driver_thermometer``), keeping the errors as calibrated beside it too."""
     from emulator.calibrate.run import probe_host
     from emulator.runtime.executor import emulate
+    from emulator.runtime.shards import ELEMENT_BYTES, kv_row_elems
 
     profile = host_profile(config)
     outdir = Path(outdir)
@@ -265,7 +257,10 @@ def validate(config: RunConfig, outdir: Path, *, host_probe: bool = True,
     if thermometer and config.tp > 1:
         config = config.model_copy(update={"thermometer_bytes": num_bytes})
     gather = gather_bytes(config, template)
-    row_elems = run_kv_row_elems(config)
+    setup = build_run(config, record_slots=True)
+    # The probes write KV rows of the size the run's ranks hold (as Worker.allocate sizes them).
+    row_elems = kv_row_elems(setup.memory.kv_bytes_per_block_per_rank // ELEMENT_BYTES,
+                             config.memory_scale, config.block_size)
 
     # A run whose every delay is followed by a TP collective has no pipeline transfers and
     # no back-to-back delays: nothing of the run-shaped pipeline probe prices it, so that
@@ -287,7 +282,6 @@ def validate(config: RunConfig, outdir: Path, *, host_probe: bool = True,
     if host_probe:
         probe()
     emu_writer = RunWriter(outdir / "emulate")
-    setup = build_run(config, record_slots=True)
 
     def flush(tables, exc):
         emu_writer.flush_partial(requests=tables.requests, steps=tables.steps,

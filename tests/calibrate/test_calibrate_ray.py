@@ -146,10 +146,17 @@ def test_validate_pp_prices_the_round_trip_with_the_drivers_speed(raw, tmp_path,
                         step_fixed_s=0.0, delay_grid_s=[0.0, 1e-2], delay_excess_s=[0.0, 0.0],
                         collective_excess_s=[0.0, 0.0], wake_s=[0.0, 0.0])
     seen = []
+    # the probes write KV rows as the run's steps do: the median step's, of the run's size
+    from emulator.build import build_run
+    from emulator.runtime.shards import ELEMENT_BYTES
+    block_elems = build_run(cfg).memory.kv_bytes_per_block_per_rank // ELEMENT_BYTES
+    row_elems = max(1, round(block_elems * 1e-3 / cfg.block_size))
 
     def fake_probe(world, prof, **kw):
         seen.append(kw["pipeline_gap"])
         assert len(kw["pipeline_template"].stages) == 2  # the run's step shapes the probe
+        assert kw["kv_rows"] == kw["pipeline_template"].num_tokens
+        assert kw["kv_row_elems"] == row_elems
         return HostProbe(host, {})
 
     monkeypatch.setattr(calibrate_run, "probe_host", fake_probe)
