@@ -12,7 +12,10 @@ the same run (these machines are shared and noisy, so absolute times mean little
     that ratio isolates what the emulator itself adds.
 (b) Control overhead: (wall - sum over steps of the slowest rank's compute delay + collective
     time) / wall, target <= 5% (project goal: 2%); and the per-step overhead divided by a
-    bare Ray actor round trip measured in the same Ray.
+    bare Ray actor round trip measured in the same Ray. The emulation runs ahead
+    (RunConfig.run_ahead, the default: the next plan waits on the actors while a step
+    runs); the same workload is emulated again without it, on the same workers, and its
+    overhead printed beside.
 
 Workload: an offline batch of identical requests (fixed prompt and output lengths), so every
 decode step has the same tokens and therefore the same all-reduce size.
@@ -149,6 +152,7 @@ def main() -> None:
                        delay_mode=args.delay_mode, keep_awake=args.keep_awake,
                        rank_priority=args.rank_priority, pin_ranks=args.pin_ranks)
     setup = build_run(cfg, record_slots=True)
+    sync_setup = build_run(cfg.model_copy(update={"run_ahead": False}), record_slots=True)
     with start_ray(None):
         rtt_s = bare_round_trip_s()
         with WorkerGroup(setup.layout, backend="gloo", timeout_s=60) as group:
@@ -156,6 +160,10 @@ def main() -> None:
             emu.allocate()
             emu.run()
             tables = emu.tables()
+            sync = Emulation(sync_setup, group)  # the same workload, each plan after its step
+            sync.allocate()
+            sync.run()
+            sync_tables = sync.tables()
     d = args.dilation
     steps = tables.steps
     col = tables.collectives
@@ -191,10 +199,14 @@ def main() -> None:
     finally:
         spinners.stop()
 
+    def overhead(run, run_steps) -> float:
+        busy = (run_steps["compute_s"].to_numpy() + run_steps["comm_s"].to_numpy()) * d
+        return run.stats.wall_s - float(busy.sum())
+
     wall_s = emu.stats.wall_s
-    busy_s = float(((steps["compute_s"].to_numpy() + steps["comm_s"].to_numpy()) * d).sum())
-    overhead_s = wall_s - busy_s
+    overhead_s = overhead(emu, steps)
     num_steps = emu.stats.num_steps
+    sync_s = overhead(sync, sync_tables.steps)
 
     t = Table(title=f"emulator: {args.model} TP={args.tp}, {args.requests} x "
                     f"({args.prompt_tokens}+{args.output_tokens}) tokens, dilation {d:g}, "
@@ -215,6 +227,9 @@ def main() -> None:
               f"wall {wall_s:.3f} s", f"{overhead_s / wall_s:.2%}")
     t.add_row("per-step overhead", f"{overhead_s / num_steps * 1e3:.3f} ms",
               f"bare Ray round trip {rtt_s * 1e3:.3f} ms", f"{overhead_s / num_steps / rtt_s:.2f}")
+    t.add_row("  same workload without running ahead", f"{sync_s / sync.stats.num_steps * 1e3:.3f} ms",
+              f"wall {sync.stats.wall_s:.3f} s: {sync_s / sync.stats.wall_s:.2%}",
+              f"{sync_s / sync.stats.num_steps / rtt_s:.2f}")
     Console().print(t)
     print(f"delay mode {args.delay_mode} (spun tail {spin_s:g} s), keep-awake "
           f"{args.keep_awake} ({spinners_note(awake)}); rank priority {args.rank_priority} "

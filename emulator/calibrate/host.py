@@ -391,8 +391,10 @@ def _probe_run(group, model: str, hardware: str, *, num_requests: int, prompt_to
         write_trace(synth_trace(num_requests=num_requests, lengths="fixed", arrival="batch",
                                 prompt_tokens=prompt_tokens, output_tokens=output_tokens,
                                 seed=0), path)
+        # The synchronous loop (validate runs it; RunConfig.run_ahead): its gap between
+        # steps is the driver's round trip, which the probes measure.
         kw = dict(trace=path, dilation=1.0, memory_scale=1e-3, timeout_s=group.timeout_s,
-                  **layout)
+                  run_ahead=False, **layout)
         if host_mode is not None:  # Emulation.allocate sets the group's mode from these
             kw.update(delay_mode=host_mode.delay_mode, keep_awake=host_mode.keep_awake,
                       rank_priority=host_mode.rank_priority, pin_ranks=host_mode.pin_ranks,

@@ -24,7 +24,8 @@ COMMON_FIELDS = (
     "eplb_redundant_experts",
 )
 EMULATION_FIELDS = ("dilation", "memory_scale", "backend", "address", "timeout_s", "delay_mode",
-                     "keep_awake", "rank_priority", "pin_ranks", "driver_priority")
+                     "keep_awake", "rank_priority", "pin_ranks", "driver_priority",
+                     "run_ahead")
 
 
 def _click_type(annotation: Any) -> Any:

@@ -377,8 +377,9 @@ class WorkerGroup:
         dead, states = [], {}
         for rank in pending.ranks:
             try:
-                states[rank] = ray.get(self.actors[rank].collective_state.remote(),
-                                       timeout=CONTROL_TIMEOUT_S)
+                states[rank] = ray.get(
+                    self.actors[rank].collective_state.remote(pending.step_key),
+                    timeout=CONTROL_TIMEOUT_S)
             except RayActorError:
                 dead.append(self._where(rank))
             except GetTimeoutError:
@@ -391,7 +392,8 @@ class WorkerGroup:
         return RunError(f"{prefix}: {stuck}; collective timeout {self.timeout_s:g} s")
 
     def skip_next_collective(self, rank: int) -> None:
-        """Fault injection for tests: ``rank`` skips its next collective."""
+        """Fault injection for tests: ``rank`` skips the next collective of the steps
+        submitted after this call (it waits for the steps already queued on the rank)."""
         self._get(self.actors[rank].skip_next_collective.remote(), CONTROL_TIMEOUT_S,
                   "arm the fault hook")
 

@@ -8,6 +8,16 @@ ends when the last stage's ranks finish; the scheduler learns of it then. With P
 ``pp`` plans per replica are in flight (queued on the stage-0 actors); DP replicas run
 concurrently.
 
+Running ahead (``RunConfig.run_ahead``, pp = 1): once every request has arrived, a plan's
+outcome no longer depends on when its step ends (the scheduler's decisions depend on the
+arrivals it has seen, never on the clock), so as soon as a replica's plan is submitted the
+driver applies it to the scheduler (``on_plan_done``), forms the next plan and submits it
+too: it waits in the actors' queues and starts as soon as the step before it ends, instead of
+a driver round trip later. The scheduler sees the same calls in the same order as without
+(the same plans, which the simulator forms too); only the first-token and finish times of
+the plan applied ahead wait for its step to end (NaN in tables taken meanwhile). One plan
+per replica runs ahead at most.
+
 Crash safety: records of finished steps stay in ``self.steps`` / ``self.collectives`` and
 ``self.requests``. ``run(on_checkpoint=...)`` hands ``tables()`` to the caller every
 ``checkpoint_interval_s`` (the CLI writes them with ``complete: false``), and ``emulate``
@@ -47,6 +57,13 @@ class _InFlight:
     plan: BatchPlan
     pending: PendingStep
     kv_blocks_used: int
+    applied: tuple[np.ndarray, np.ndarray] | None = None
+    """(requests with their first token in this plan, requests it finished) once the plan
+    was applied to the scheduler ahead of its step's end (Emulation._apply_ahead)."""
+
+
+_AHEAD_S = -1.0
+"""The end time a plan applied ahead is stamped with until its step ends (then replaced)."""
 
 
 @dataclass
@@ -85,6 +102,7 @@ class Emulation:
         self._order = np.argsort(self.requests.arrival_s, kind="stable")
         self._next = 0
         pp = setup.layout.pp
+        self._run_ahead = bool(setup.config.run_ahead) and pp == 1
         self._free_slots = [list(range(pp)) for _ in self.schedulers]
         self._inflight: list[_InFlight] = []
         # Blocks in use per replica at the last submission: freed ones are released on the
@@ -172,7 +190,11 @@ class Emulation:
         if self._fault is not None and self.stats.num_steps >= self._fault.step:
             inject(self._fault, self.group)  # before the step it names is submitted
             self._fault = None
-        while slots and sched.has_work:
+        while True:
+            if not slots and not self._apply_ahead(r):
+                return
+            if not sched.has_work:
+                return
             plan = sched.schedule(now_s, slots[0])
             if plan is None:
                 return
@@ -187,6 +209,26 @@ class Emulation:
                 step_key=(plan.step, plan.micro_batch),
                 freed_blocks=None if freed is None else (freed, self.setup.config.block_size))
             self._inflight.append(_InFlight(plan, pending, sched.kv_blocks_used))
+
+    def _apply_ahead(self, r: int) -> bool:
+        """Run ahead (module docstring): if replica ``r`` may, apply its one plan in flight
+        to its scheduler now and free its slot for the next plan; False if it may not (pp >
+        1, ``run_ahead`` off, a request still to arrive, or a plan already applied ahead)."""
+        if not self._run_ahead or self._next < len(self.requests):
+            return False
+        mine = [f for f in self._inflight if f.plan.replica == r]
+        if len(mine) != 1 or mine[0].applied is not None:
+            return False
+        f = mine[0]
+        sched, req = self.schedulers[r], self.requests
+        done = sched.on_plan_done(f.plan, _AHEAD_S)
+        idx = f.plan.request_index
+        first = idx[req.first_token_s[idx] == _AHEAD_S]
+        req.first_token_s[first] = np.nan  # stamped when the step ends (_complete)
+        req.finish_s[done] = np.nan
+        f.applied = (first, done)
+        self._free_slots[r].append(f.plan.micro_batch)
+        return True
 
     def _freed_blocks(self, r: int) -> np.ndarray | None:
         """The blocks of replica ``r`` the KV manager freed since the last call (None if
@@ -228,10 +270,10 @@ class Emulation:
         # finish in that order), and the replica plans again after each, as the simulator
         # does at each completion event: when a slow driver finds several plans of a
         # replica done at once, the scheduler still sees the same states in the same order.
-        finished, still = 0, []
-        current, self._inflight = self._inflight, []  # _submit appends the new plans here
-        for f in current:
+        finished = 0
+        for f in list(self._inflight):  # _submit appends the new plans, polled next time
             if self.group.poll(f.pending, ready):  # raises RunError if a rank failed
+                self._inflight.remove(f)
                 finished += self._complete(f)
                 now_s = self._admit()
                 tick = time.monotonic()
@@ -239,9 +281,6 @@ class Emulation:
                 self.stats.schedule_s += time.monotonic() - tick
             elif time.monotonic() >= f.pending.deadline_s:
                 raise self.group.fail(f.pending)
-            else:
-                still.append(f)
-        self._inflight = still + self._inflight
         return finished
 
     def _complete(self, f: _InFlight) -> int:
@@ -268,9 +307,14 @@ class Emulation:
                                 for x in mine)
         end_s = float(self._to_target(stage_end[-1]))
         sched = self.schedulers[r]
-        finished = sched.on_plan_done(plan, end_s)
-        self._free_slots[r].append(plan.micro_batch)
-        self._free_slots[r].sort()
+        if f.applied is None:
+            finished = sched.on_plan_done(plan, end_s)
+            self._free_slots[r].append(plan.micro_batch)
+            self._free_slots[r].sort()
+        else:  # applied ahead: only its times were left to stamp
+            first, finished = f.applied
+            self.requests.first_token_s[first] = end_s
+            self.requests.finish_s[finished] = end_s
         d = self.dilation
         for s in range(pp):
             self.steps.append(r, plan.step, s, float(self._to_target(stage_start[s])),

@@ -124,6 +124,10 @@ class _StepProgress:
     error: str = ""
 
 
+PAST_STEPS = 4
+"""Finished steps whose collective progress a rank keeps (TimedCollectives.state)."""
+
+
 class TimedCollectives:
     """Timed, recorded torch collectives for one rank. Not thread-safe for two steps at
     once (the worker runs steps on one thread); ``state()`` may be read from another."""
@@ -139,10 +143,20 @@ class TimedCollectives:
         self._buffers: dict[tuple[str, int], torch.Tensor] = {}
         self._skip_next = False
         self._progress = _StepProgress()
+        self._past: dict[object, _StepProgress] = {}
+        """The progress of the last PAST_STEPS steps before the current one, by step key:
+        with plans queued on the actor a rank may be a step further on by the time the
+        driver asks about a failed one."""
         self.recorder = StepRecorder()
 
     # -- step lifecycle -------------------------------------------------------------------
     def begin_step(self, step_key: object) -> StepRecorder:
+        done = self._progress
+        if done.step_key is not None:
+            self._past.pop(done.step_key, None)
+            self._past[done.step_key] = done
+            while len(self._past) > PAST_STEPS:
+                del self._past[next(iter(self._past))]
         self._progress = _StepProgress(step_key=step_key, done=False)
         self.recorder = StepRecorder()
         return self.recorder
@@ -157,8 +171,12 @@ class TimedCollectives:
         """Debug hook: the next collective of this rank is not called (fault injection)."""
         self._skip_next = True
 
-    def state(self) -> CollectiveState:
+    def state(self, step_key: object = None) -> CollectiveState:
+        """The progress of step ``step_key`` if it is the current step or one of the last
+        PAST_STEPS, else (or with None) of the current step."""
         p = self._progress
+        if step_key is not None and step_key != p.step_key:
+            p = self._past.get(step_key, p)
         return CollectiveState(
             rank=self.rank, step_key=p.step_key, position=p.position, blocked=p.blocked,
             done=p.done, entered_tp=list(p.entered_tp), entered_pp=list(p.entered_pp),

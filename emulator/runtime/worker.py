@@ -4,9 +4,9 @@ It holds real memory (weight shards and a paged KV pool, scaled by ``memory_scal
 the cost model's compute delays and runs the real collectives of its pipeline stage
 (DESIGN.md sections 3-5). The driver (cluster.WorkerGroup) calls it.
 
-Threads: steps, allocation and teardown run in the default concurrency group (one thread,
-in submission order); ``ping``, ``clock``, ``collective_state`` and the debug hook run in a
-separate "control" group so the driver can query a rank that is blocked in a collective.
+Threads: steps, allocation, teardown and the fault hook run in the default concurrency
+group (one thread, in submission order); ``ping``, ``clock`` and ``collective_state`` run in
+a separate "control" group so the driver can query a rank that is blocked in a collective.
 
 One step on one rank (``run_step``), with ``d = dilation``:
   stage > 0: recv activations from the previous stage (same TP index)
@@ -441,8 +441,10 @@ class Worker:
         self._clock_offset_s = offset_s
 
     @ray.method(concurrency_group="control")
-    def collective_state(self) -> CollectiveState:
-        return self._coll.state()
+    def collective_state(self, step_key: object = None) -> CollectiveState:
+        """Where this rank is in the collectives of step ``step_key`` (default: its current
+        step; TimedCollectives.state)."""
+        return self._coll.state(step_key)
 
     @ray.method(concurrency_group="control")
     def ep_splits(self) -> list[EpSplit]:
@@ -450,9 +452,10 @@ class Worker:
         EP_LOG_STEPS), for checking them against the routing."""
         return list(self._ep_log)
 
-    @ray.method(concurrency_group="control")
     def skip_next_collective(self) -> None:
-        """Fault injection: this rank silently skips its next collective."""
+        """Fault injection: this rank silently skips its next collective. Queued behind
+        the steps already submitted to it (not a control call), so the fault lands in the
+        first step submitted after it, even where a step runs meanwhile."""
         self._coll.skip_next_collective()
 
     def teardown(self) -> None:

@@ -242,6 +242,12 @@ def validate(config: RunConfig, outdir: Path, *, host_probe: bool = True,
     (``as_calibrated``). Pipeline transfers get no probe: a back-to-back transfer did not
     track transfers after a stage's idle wait (docs/results-validation.md, repeat 7).
 
+    The emulation runs without ``run_ahead`` (each plan submitted when the step before it
+    has reported), the loop whose gap between steps the host probes measure and the
+    simulator prices (HostOverhead.step_gap_s); running ahead, that gap is the ranks' own
+    turnaround while the driver keeps ahead, and the driver's round trip where it cannot,
+    which no probe measures yet.
+
     With pp > 1 the host probes measure the round trip between a micro-batch's steps in a
     2-stage pipeline (calibrate.host.measure_pipeline_gap), and ``thermometer`` scales it
     by the run's driver busy time per step over the probe's (report.driver_thermometer,
@@ -250,6 +256,9 @@ def validate(config: RunConfig, outdir: Path, *, host_probe: bool = True,
     from emulator.runtime.executor import emulate
     from emulator.runtime.shards import ELEMENT_BYTES, kv_row_elems
 
+    # The emulation waits for each step before submitting the next (RunConfig.run_ahead
+    # off): the host probes price that loop's gap between steps.
+    config = config.model_copy(update={"run_ahead": False})
     profile = host_profile(config)
     outdir = Path(outdir)
     probes: list[HostProbe] = []

@@ -98,6 +98,9 @@ def test_calibrate_then_validate(raw, tmp_path, monkeypatch):
     gathered = 2 * shard
     assert shard > 0 and calls == [(probe_bytes(cfg), shard)] * 2
     saved = json.loads((tmp_path / "val2" / "validation.json").read_text())
+    # the emulation ran the loop whose gap the probes price: each plan after its step
+    summary = json.loads((tmp_path / "val2" / "emulate" / "summary.json").read_text())
+    assert cfg.run_ahead and summary["config"]["run_ahead"] is False
     assert saved["host_probes"]["before"]["step_gap_s"] == host.step_gap_s
     assert saved["host_probes"]["after"]["step_gap_s"] == 3 * host.step_gap_s
     assert saved["host_probes"]["drift"] == 0.0  # wake-up curves equal

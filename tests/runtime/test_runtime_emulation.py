@@ -94,7 +94,8 @@ def _steps(table, columns=STEP_COLUMNS):
 
 
 def test_tp2_plans_equal_simulator_and_collectives_are_exact(batch_trace, tp2_group):
-    setup = _setup(batch_trace, tp=2)
+    # one plan in flight at a time, so that the KV check after each step sees it alone
+    setup = _setup(batch_trace, tp=2, run_ahead=False)
     emu, tables = _run(setup, tp2_group, CheckedEmulation)
     assert CheckedEmulation.kv_checks == tables.steps.num_rows > 0
     # gloo ranks with slept delays (kept awake) run at real-time priority where permitted
@@ -135,8 +136,50 @@ def test_tp2_plans_equal_simulator_and_collectives_are_exact(batch_trace, tp2_gr
     assert (col["transfer_s"].to_numpy() >= 0).all()
 
 
+class AheadEmulation(Emulation):
+    """Records, at each step's completion, whether its plan had been applied ahead and how
+    many plans of the replica were in flight meanwhile."""
+
+    seen: list = []
+
+    def _complete(self, f):
+        AheadEmulation.seen.append((f.applied is not None, len(self._inflight) + 1))
+        return super()._complete(f)
+
+
+def test_run_ahead_forms_the_same_plans_and_stamps_every_request(batch_trace, tp2_group):
+    """Running ahead (every request of an offline batch arrived at once): each plan but the
+    last is applied before its step ends and the next one waits on the actors, yet the
+    plans, the KV blocks in use and the requests' order of events are those of the
+    synchronous loop and of the simulator, and the workers end with no KV rows held."""
+    AheadEmulation.seen = []
+    emu, ahead = _run(_setup(batch_trace, tp=2), tp2_group, AheadEmulation)
+    _, sync = _run(_setup(batch_trace, tp=2, run_ahead=False), tp2_group)
+    sim = simulate(_setup(batch_trace, tp=2))
+    columns = STEP_COLUMNS + ("kv_blocks_used",)
+    assert _steps(ahead.steps, columns) == _steps(sync.steps, columns) \
+        == _steps(sim.steps, columns)
+    applied = [a for a, _ in AheadEmulation.seen]
+    assert len(applied) == ahead.steps.num_rows and applied[:-1] == [True] * (len(applied) - 1)
+    assert max(n for _, n in AheadEmulation.seen) == 2  # one plan ahead at most
+    req = {c: ahead.requests[c].to_numpy() for c in ("arrival_s", "first_token_s", "finish_s")}
+    assert np.isfinite(req["finish_s"]).all()
+    assert (req["arrival_s"] <= req["first_token_s"]).all()
+    assert (req["first_token_s"] <= req["finish_s"]).all()
+    ends = set(ahead.steps["end_s"].to_numpy().tolist())
+    assert set(req["finish_s"].tolist()) <= ends  # stamped with their steps' real ends
+    # every step's end as the step ran, not the stamp a plan applied ahead waits with
+    order = lambda t: np.argsort(t.requests["finish_s"].to_numpy(), kind="stable")  # noqa: E731
+    sim_fin = sim.requests["finish_s"].to_numpy()
+    assert (np.diff(sim_fin[order(ahead)]) >= 0).all()
+    emu._release_freed_blocks(0)
+    assert tp2_group.kv_rows_in_use([0, 1]) == [0, 0]
+
+
+@pytest.mark.parametrize("run_ahead", [False, True])
 def test_skipped_collective_fails_naming_the_rank_and_keeps_finished_steps(batch_trace,
-                                                                            tp2_group):
+                                                                            ray_local,
+                                                                            run_ahead):
     class Faulty(Emulation):
         def _complete(self, f):
             n = super()._complete(f)
@@ -144,13 +187,23 @@ def test_skipped_collective_fails_naming_the_rank_and_keeps_finished_steps(batch
                 self.group.skip_next_collective(1)
             return n
 
-    setup = _setup(batch_trace, tp=2)
-    emu = Faulty(setup, tp2_group)
-    emu.allocate()
-    with pytest.raises(RunError, match=r"rank 1 .*did not enter"):
-        emu.run()
-    tables = emu.tables()
-    assert tables.steps.num_rows == 2  # the two finished steps are kept
+    setup = _setup(batch_trace, tp=2, run_ahead=run_ahead)
+    with WorkerGroup(setup.layout, backend="gloo", timeout_s=5.0) as group:  # left broken
+        emu = Faulty(setup, group)
+        emu.allocate()
+        with pytest.raises(RunError, match=r"rank 1 .*did not enter"):
+            emu.run()
+        tables = emu.tables()
+    # The finished steps are kept: two, and running ahead the third, which was under way
+    # when the fault was armed (it lands in the first step submitted after it).
+    assert tables.steps.num_rows == (3 if run_ahead else 2)
+    # The requests' times are those of finished steps only (running ahead, the failed
+    # step's plan had been applied, but its requests' times wait for its end).
+    ends = set(tables.steps["end_s"].to_numpy().tolist())
+    for column in ("first_token_s", "finish_s"):
+        t = tables.requests[column].to_numpy()
+        assert set(t[np.isfinite(t)].tolist()) <= ends
+    assert np.isfinite(tables.requests["first_token_s"].to_numpy()).any()
 
 
 class SlowDriver(Emulation):
