@@ -8,15 +8,17 @@ ends when the last stage's ranks finish; the scheduler learns of it then. With P
 ``pp`` plans per replica are in flight (queued on the stage-0 actors); DP replicas run
 concurrently.
 
-Running ahead (``RunConfig.run_ahead``, pp = 1): once every request has arrived, a plan's
-outcome no longer depends on when its step ends (the scheduler's decisions depend on the
-arrivals it has seen, never on the clock), so as soon as a replica's plan is submitted the
-driver applies it to the scheduler (``on_plan_done``), forms the next plan and submits it
-too: it waits in the actors' queues and starts as soon as the step before it ends, instead of
-a driver round trip later. The scheduler sees the same calls in the same order as without
-(the same plans, which the simulator forms too); only the first-token and finish times of
-the plan applied ahead wait for its step to end (NaN in tables taken meanwhile). One plan
-per replica runs ahead at most.
+Running ahead (``RunConfig.run_ahead``): once every request has arrived, a plan's outcome
+no longer depends on when its step ends (the scheduler's decisions depend on the arrivals
+it has seen, never on the clock), and a replica's plans finish in submission order. So when
+every slot of a replica holds a plan in flight (one slot, or ``pp`` with micro-batches),
+the driver applies the oldest to the scheduler (``on_plan_done``) at once, forms the plan
+that would follow its completion and submits it too: it waits in the actors' queues and
+starts as soon as the step before it ends, instead of a driver round trip later. The
+scheduler sees the same calls in the same order as without (the same plans, which the
+simulator forms too); only the first-token and finish times of the plan applied ahead wait
+for its step to end (NaN in tables taken meanwhile). One plan per replica is applied ahead
+at a time.
 
 Crash safety: records of finished steps stay in ``self.steps`` / ``self.collectives`` and
 ``self.requests``. ``run(on_checkpoint=...)`` hands ``tables()`` to the caller every
@@ -102,7 +104,7 @@ class Emulation:
         self._order = np.argsort(self.requests.arrival_s, kind="stable")
         self._next = 0
         pp = setup.layout.pp
-        self._run_ahead = bool(setup.config.run_ahead) and pp == 1
+        self._run_ahead = bool(setup.config.run_ahead)
         self._free_slots = [list(range(pp)) for _ in self.schedulers]
         self._inflight: list[_InFlight] = []
         # Blocks in use per replica at the last submission: freed ones are released on the
@@ -211,13 +213,14 @@ class Emulation:
             self._inflight.append(_InFlight(plan, pending, sched.kv_blocks_used))
 
     def _apply_ahead(self, r: int) -> bool:
-        """Run ahead (module docstring): if replica ``r`` may, apply its one plan in flight
-        to its scheduler now and free its slot for the next plan; False if it may not (pp >
-        1, ``run_ahead`` off, a request still to arrive, or a plan already applied ahead)."""
+        """Run ahead (module docstring): if replica ``r`` may, apply its oldest plan in
+        flight to its scheduler now and free its slot for the next plan; False if it may not
+        (``run_ahead`` off, a request still to arrive, a slot still free, or a plan already
+        applied ahead)."""
         if not self._run_ahead or self._next < len(self.requests):
             return False
-        mine = [f for f in self._inflight if f.plan.replica == r]
-        if len(mine) != 1 or mine[0].applied is not None:
+        mine = [f for f in self._inflight if f.plan.replica == r]  # in submission order
+        if len(mine) != self.setup.layout.pp or any(f.applied is not None for f in mine):
             return False
         f = mine[0]
         sched, req = self.schedulers[r], self.requests
@@ -228,6 +231,7 @@ class Emulation:
         req.finish_s[done] = np.nan
         f.applied = (first, done)
         self._free_slots[r].append(f.plan.micro_batch)
+        self._free_slots[r].sort()
         return True
 
     def _freed_blocks(self, r: int) -> np.ndarray | None:
