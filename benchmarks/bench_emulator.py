@@ -227,6 +227,12 @@ def main() -> None:
               f"wall {wall_s:.3f} s", f"{overhead_s / wall_s:.2%}")
     t.add_row("per-step overhead", f"{overhead_s / num_steps * 1e3:.3f} ms",
               f"bare Ray round trip {rtt_s * 1e3:.3f} ms", f"{overhead_s / num_steps / rtt_s:.2f}")
+    span_s = float(((steps["end_s"].to_numpy() - steps["start_s"].to_numpy()) * d).sum())
+    busy_s = float(((steps["compute_s"].to_numpy() + steps["comm_s"].to_numpy()) * d).sum())
+    t.add_row("  of which inside steps (ranks outside delays and collectives)",
+              f"{(span_s - busy_s) / num_steps * 1e3:.3f} ms", "per step", "")
+    t.add_row("  of which between steps", f"{(wall_s - span_s) / num_steps * 1e3:.3f} ms",
+              "per step", "")
     t.add_row("  same workload without running ahead", f"{sync_s / sync.stats.num_steps * 1e3:.3f} ms",
               f"wall {sync.stats.wall_s:.3f} s: {sync_s / sync.stats.wall_s:.2%}",
               f"{sync_s / sync.stats.num_steps / rtt_s:.2f}")

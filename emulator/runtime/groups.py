@@ -141,6 +141,8 @@ class TimedCollectives:
         # On CUDA the op is asynchronous; synchronizing makes the exit time the real one.
         self._synchronize = synchronize
         self._buffers: dict[tuple[str, int], torch.Tensor] = {}
+        self._views: dict[str, tuple[int, torch.Tensor]] = {}
+        """Per purpose, the last view :meth:`buffer` returned and its size."""
         self._skip_next = False
         self._progress = _StepProgress()
         self._past: dict[object, _StepProgress] = {}
@@ -188,12 +190,17 @@ class TimedCollectives:
         one buffer per purpose, grown to the largest size asked for. (A buffer per distinct
         size would grow without bound: every step has its own token count.) Zeros stay
         zeros under summation, so reused buffers never overflow to inf/NaN."""
+        last = self._views.get(purpose)
+        if last is not None and last[0] == num_bytes:
+            return last[1]  # a step's all-reduces share one size: slicing costs ~10 us
         buf = self._buffers.get(purpose)
         if buf is None or buf.numel() < num_bytes:
             buf = torch.zeros(max(num_bytes, 2), dtype=torch.uint8, device=self._device)
             self._buffers[purpose] = buf
         view = buf[:num_bytes]
-        return view.view(torch.bfloat16) if num_bytes % 2 == 0 else view
+        view = view.view(torch.bfloat16) if num_bytes % 2 == 0 else view
+        self._views[purpose] = (num_bytes, view)
+        return view
 
     # -- ops ------------------------------------------------------------------------------
     def _run(self, op: str, axis: str, layer: int, peer: int, num_bytes: int, call) -> None:
