@@ -4,9 +4,14 @@ It holds real memory (weight shards and a paged KV pool, scaled by ``memory_scal
 the cost model's compute delays and runs the real collectives of its pipeline stage
 (DESIGN.md sections 3-5). The driver (cluster.WorkerGroup) calls it.
 
-Threads: steps, allocation, teardown and the fault hook run in the default concurrency
-group (one thread, in submission order); ``ping``, ``clock`` and ``collective_state`` run in
-a separate "control" group so the driver can query a rank that is blocked in a collective.
+Threads: steps, allocation, teardown and the fault hook run on the rank's feed thread
+(runtime.feed), one at a time in the order the driver's calls arrived: the default
+concurrency group (one thread, in submission order) posts a step there and returns at once
+(``post_step``), so the next step starts as soon as the one before ends instead of after
+Ray's turnaround between two calls; ``step_result`` (its own "results" group) waits for a
+step's records; the other default-group methods run on the feed thread and wait for it.
+``ping``, ``clock`` and ``collective_state`` run in a separate "control" group so the driver
+can query a rank that is blocked in a collective.
 
 One step on one rank (``run_step``), with ``d = dilation``:
   stage > 0: recv activations from the previous stage (same TP index)
@@ -28,6 +33,7 @@ layers, so one write per step touches exactly the rows a real engine would fill.
 
 from __future__ import annotations
 
+import functools
 import os
 import pickle
 import socket
@@ -45,6 +51,7 @@ from emulator.core.work import StageWork
 from emulator.runtime.awake import (HostMode, IdleSpinners, cpus_available, decide,
                                     pin_threads, set_realtime, spinners_for)
 from emulator.runtime.delay import SPIN_S, CudaStreamDelay, precise_sleep
+from emulator.runtime.feed import Feed
 from emulator.runtime.groups import TimedCollectives, init_process_groups, rank_topology
 from emulator.runtime.ray_setup import LayoutLike
 from emulator.runtime.records import (COMPUTE_KINDS, NO_LAYER, PROBE_LAYER, CollectiveState,
@@ -105,7 +112,16 @@ def _normal_priority() -> int:
     return os.getpriority(os.PRIO_PROCESS, 0)
 
 
-@ray.remote(concurrency_groups={"control": 1})
+def _on_feed(method):
+    """Run this (default-group) method on the rank's feed thread, behind the steps posted
+    before it, and wait for it (Feed.run)."""
+    @functools.wraps(method)
+    def on_feed(self, *args, **kwargs):
+        return self._feed.run(functools.partial(method, self, *args, **kwargs))
+    return on_feed
+
+
+@ray.remote(concurrency_groups={"control": 1, "results": 1})
 class Worker:
     """One emulated GPU. ``layout`` is a ParallelLayout (see ray_setup.LayoutLike)."""
 
@@ -143,6 +159,9 @@ class Worker:
         self._num_kv_rows_in_use = 0
         self._num_steps = 0
         self._ep_log: deque[EpSplit] = deque(maxlen=EP_LOG_STEPS)
+        # CUDA's current device is per thread: the feed thread selects it too.
+        self._feed = Feed(on_start=(lambda: torch.cuda.set_device(self._device))
+                          if backend == "nccl" else None)
 
     def _now(self) -> float:
         return time.monotonic_ns() * 1e-9 + self._clock_offset_s
@@ -160,6 +179,7 @@ class Worker:
             sock.bind(("", 0))
             return sock.getsockname()[1]
 
+    @_on_feed
     def init_process_groups(self, master_addr: str, master_port: int, world_size: int) -> None:
         if world_size != self.topology.world_size:
             raise ValueError(f"world_size {world_size} != layout's {self.topology.world_size}")
@@ -170,6 +190,7 @@ class Worker:
         self._coll = TimedCollectives(self.rank, groups, self._device, self._now,
                                       self._synchronize)
 
+    @_on_feed
     def allocate(self, weight_shapes: list[tuple[int, ...]], kv_num_blocks: int,
                  kv_block_elems: int, memory_scale: float, *,
                  kv_block_size_tokens: int = 16) -> AllocationReport:
@@ -220,13 +241,18 @@ class Worker:
         self._num_kv_rows_in_use += int((~self._kv_written[unique]).sum())
         self._kv_written[unique] = True
 
+    @_on_feed
     def kv_rows_in_use(self) -> int:
         """Distinct KV pool rows (token slots) written since allocate() or reset, minus
         rows of blocks released with free_kv_blocks()."""
         return self._num_kv_rows_in_use
 
+    @_on_feed
     def free_kv_blocks(self, block_ids: np.ndarray, kv_block_size_tokens: int = 16) -> None:
         """Mark the rows of these blocks unused (the block manager freed them)."""
+        self._free_kv_blocks(block_ids, kv_block_size_tokens)
+
+    def _free_kv_blocks(self, block_ids: np.ndarray, kv_block_size_tokens: int) -> None:
         rows = (np.asarray(block_ids, dtype=np.int64)[:, None] * kv_block_size_tokens
                 + np.arange(kv_block_size_tokens)).ravel()
         self._num_kv_rows_in_use -= int(self._kv_written[rows].sum())
@@ -329,19 +355,30 @@ class Worker:
             end_s=self._now(), num_tokens=num_tokens, num_sampled_tokens=num_sampled,
             num_kv_rows_written=0 if slot_ids is None else len(slot_ids))
 
-    def run_step_packed(self, payload: bytes) -> bytes:
-        """:meth:`run_step` with its arguments and its records pickled (the driver's
-        WorkerGroup sends one payload per stage): a Ray call with one bytes argument and
-        result is ~0.25 ms cheaper to submit than one with seven, per rank and step. The
-        payload's last item, unless None, is ``(block_ids, kv_block_size_tokens)`` of KV
-        blocks freed since the replica's previous plan, released before the step runs (a
-        call of its own cost the driver another ~0.5 ms per rank)."""
+    def post_step(self, payload: bytes) -> None:
+        """Queue one step on the feed thread and return at once; :meth:`step_result` gives
+        its records, in posting order. ``payload``: :meth:`run_step`'s arguments pickled
+        (the driver's WorkerGroup sends one payload per stage: a Ray call with one bytes
+        argument is ~0.25 ms cheaper to submit than one with seven, per rank and step); its
+        last item, unless None, is ``(block_ids, kv_block_size_tokens)`` of KV blocks freed
+        since the replica's previous plan, released before the step runs (a call of its own
+        cost the driver another ~0.5 ms per rank)."""
+        self._feed.post(functools.partial(self._run_step_packed, payload))
+
+    @ray.method(concurrency_group="results")
+    def step_result(self) -> bytes:
+        """The pickled records (StepRecords) of the oldest step posted and not yet
+        collected, once it has run; raises what the step raised."""
+        return self._feed.take()
+
+    def _run_step_packed(self, payload: bytes) -> bytes:
         *args, freed = pickle.loads(payload)
         if freed is not None:
-            self.free_kv_blocks(*freed)
+            self._free_kv_blocks(*freed)  # on the feed thread already
         return pickle.dumps(self.run_step(*args), protocol=pickle.HIGHEST_PROTOCOL)
 
     # -- microbenchmark ---------------------------------------------------------------------
+    @_on_feed
     def bench_sizes(self, op: str, sizes: list[int], num_iters: list[int],
                     num_warmup: int = 2, axis: str = "world") -> list[np.ndarray]:
         """Time ``num_iters[j]`` calls of ``op`` of each size ``sizes[j]`` over the ``axis``
@@ -402,6 +439,7 @@ class Worker:
         return times
 
     # -- control --------------------------------------------------------------------------
+    @_on_feed
     def set_host_mode(self, mode: HostMode, local_index: int, ranks_on_node: int) -> dict:
         """How this rank waits: compute delays spun or slept (delay.spin_for), whether it
         runs its share of the node's idle-priority spinners, and whether its threads run at
@@ -452,12 +490,14 @@ class Worker:
         EP_LOG_STEPS), for checking them against the routing."""
         return list(self._ep_log)
 
+    @_on_feed
     def skip_next_collective(self) -> None:
         """Fault injection: this rank silently skips its next collective. Queued behind
         the steps already submitted to it (not a control call), so the fault lands in the
         first step submitted after it, even where a step runs meanwhile."""
         self._coll.skip_next_collective()
 
+    @_on_feed
     def teardown(self) -> None:
         self._spinners.stop()
         if dist.is_initialized():
