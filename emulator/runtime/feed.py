@@ -7,7 +7,10 @@ call's dispatch; `benchmarks/bench_emulator.py` times a bare actor). When a rank
 steps inside the Ray calls, that gap fell between every two steps of a run that keeps the
 next plan queued. With the feed, a call only posts the step (:meth:`Feed.post`) and
 returns; the thread starts the next step as soon as the one before ends, and a second call
-(:meth:`Feed.take`, in its own concurrency group) waits for the step's outcome.
+(:meth:`Feed.take`, in its own concurrency group) waits for the step's outcome. The worker
+also keeps the payload's unpickling and the records' making and pickling off this thread
+(Worker.post_step, Worker.step_result): on the development VM, TP=2 decode steps then
+followed each other after 0.08 ms (median) instead of ~1 ms.
 
 Calls that must finish before the caller goes on (allocation, the host mode, teardown, the
 fault hook, ...) go through :meth:`Feed.run`: queued behind the posted steps, so they keep
