@@ -304,7 +304,7 @@ class WorkerGroup:
         ranks, refs = [], []
         for s, stage_rank_list in enumerate(stages):
             recv_bytes = step_work.stages[s - 1].pp_send_bytes if s > 0 else 0
-            # One pickle per stage, shared by its ranks (Worker.post_step): Ray's
+            # One pickle per stage, shared by its ranks (Worker.run_step_packed): Ray's
             # per-argument serialization costs more than the whole payload.
             payload = pickle.dumps((key, step_work.stages[s], slot_ids, dilation,
                                     step_work.num_tokens, step_work.num_sampled_tokens,
@@ -312,10 +312,7 @@ class WorkerGroup:
                                    protocol=pickle.HIGHEST_PROTOCOL)
             for rank in stage_rank_list:
                 ranks.append(rank)
-                # The rank runs posted steps on its feed thread, back to back; the records
-                # come back through a second call (Worker.step_result), in posting order.
-                self.actors[rank].post_step.remote(payload)
-                refs.append(self.actors[rank].step_result.remote())
+                refs.append(self.actors[rank].run_step_packed.remote(payload))
         # Worst case: the step queues behind this replica's steps already in flight (each
         # actor runs its steps in submission order), its stages run one after another, and
         # a rank waits timeout_s in a collective before raising.
@@ -341,7 +338,7 @@ class WorkerGroup:
                        if isinstance(exc, OutOfMemoryError) else "")
                 raise self._step_failure(pending, why) from None
             for i, value in zip(idx, values):
-                pending.results[i] = pickle.loads(value)  # Worker.step_result
+                pending.results[i] = pickle.loads(value)  # Worker.run_step_packed
         return pending.done
 
     def collect(self, pending: PendingStep) -> list[StepRecords]:

@@ -4,14 +4,9 @@ It holds real memory (weight shards and a paged KV pool, scaled by ``memory_scal
 the cost model's compute delays and runs the real collectives of its pipeline stage
 (DESIGN.md sections 3-5). The driver (cluster.WorkerGroup) calls it.
 
-Threads: steps, allocation, teardown and the fault hook run on the rank's feed thread
-(runtime.feed), one at a time in the order the driver's calls arrived: the default
-concurrency group (one thread, in submission order) posts a step there and returns at once
-(``post_step``), so the next step starts as soon as the one before ends instead of after
-Ray's turnaround between two calls; ``step_result`` (its own "results" group) waits for a
-step's records; the other default-group methods run on the feed thread and wait for it.
-``ping``, ``clock`` and ``collective_state`` run in a separate "control" group so the driver
-can query a rank that is blocked in a collective.
+Threads: steps, allocation, teardown and the fault hook run in the default concurrency
+group (one thread, in submission order); ``ping``, ``clock`` and ``collective_state`` run in
+a separate "control" group so the driver can query a rank that is blocked in a collective.
 
 One step on one rank (``run_step``), with ``d = dilation``:
   stage > 0: recv activations from the previous stage (same TP index)
@@ -33,13 +28,11 @@ layers, so one write per step touches exactly the rows a real engine would fill.
 
 from __future__ import annotations
 
-import functools
 import os
 import pickle
 import socket
 import time
 from collections import deque
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -52,7 +45,6 @@ from emulator.core.work import StageWork
 from emulator.runtime.awake import (HostMode, IdleSpinners, cpus_available, decide,
                                     pin_threads, set_realtime, spinners_for)
 from emulator.runtime.delay import SPIN_S, CudaStreamDelay, precise_sleep
-from emulator.runtime.feed import Feed
 from emulator.runtime.groups import TimedCollectives, init_process_groups, rank_topology
 from emulator.runtime.ray_setup import LayoutLike
 from emulator.runtime.records import (COMPUTE_KINDS, NO_LAYER, PROBE_LAYER, CollectiveState,
@@ -113,16 +105,7 @@ def _normal_priority() -> int:
     return os.getpriority(os.PRIO_PROCESS, 0)
 
 
-def _on_feed(method):
-    """Run this (default-group) method on the rank's feed thread, behind the steps posted
-    before it, and wait for it (Feed.run)."""
-    @functools.wraps(method)
-    def on_feed(self, *args, **kwargs):
-        return self._feed.run(functools.partial(method, self, *args, **kwargs))
-    return on_feed
-
-
-@ray.remote(concurrency_groups={"control": 1, "results": 1})
+@ray.remote(concurrency_groups={"control": 1})
 class Worker:
     """One emulated GPU. ``layout`` is a ParallelLayout (see ray_setup.LayoutLike)."""
 
@@ -160,9 +143,6 @@ class Worker:
         self._num_kv_rows_in_use = 0
         self._num_steps = 0
         self._ep_log: deque[EpSplit] = deque(maxlen=EP_LOG_STEPS)
-        # CUDA's current device is per thread: the feed thread selects it too.
-        self._feed = Feed(on_start=(lambda: torch.cuda.set_device(self._device))
-                          if backend == "nccl" else None)
 
     def _now(self) -> float:
         return time.monotonic_ns() * 1e-9 + self._clock_offset_s
@@ -180,7 +160,6 @@ class Worker:
             sock.bind(("", 0))
             return sock.getsockname()[1]
 
-    @_on_feed
     def init_process_groups(self, master_addr: str, master_port: int, world_size: int) -> None:
         if world_size != self.topology.world_size:
             raise ValueError(f"world_size {world_size} != layout's {self.topology.world_size}")
@@ -191,7 +170,6 @@ class Worker:
         self._coll = TimedCollectives(self.rank, groups, self._device, self._now,
                                       self._synchronize)
 
-    @_on_feed
     def allocate(self, weight_shapes: list[tuple[int, ...]], kv_num_blocks: int,
                  kv_block_elems: int, memory_scale: float, *,
                  kv_block_size_tokens: int = 16) -> AllocationReport:
@@ -242,18 +220,13 @@ class Worker:
         self._num_kv_rows_in_use += int((~self._kv_written[unique]).sum())
         self._kv_written[unique] = True
 
-    @_on_feed
     def kv_rows_in_use(self) -> int:
         """Distinct KV pool rows (token slots) written since allocate() or reset, minus
         rows of blocks released with free_kv_blocks()."""
         return self._num_kv_rows_in_use
 
-    @_on_feed
     def free_kv_blocks(self, block_ids: np.ndarray, kv_block_size_tokens: int = 16) -> None:
         """Mark the rows of these blocks unused (the block manager freed them)."""
-        self._free_kv_blocks(block_ids, kv_block_size_tokens)
-
-    def _free_kv_blocks(self, block_ids: np.ndarray, kv_block_size_tokens: int) -> None:
         rows = (np.asarray(block_ids, dtype=np.int64)[:, None] * kv_block_size_tokens
                 + np.arange(kv_block_size_tokens)).ravel()
         self._num_kv_rows_in_use -= int(self._kv_written[rows].sum())
@@ -308,21 +281,11 @@ class Worker:
         c_rows = self._coll.all_to_all("ep", layer, recv, send, work.combine_bytes_per_row, me)
         self._ep_log.append(EpSplit(step_key, layer, send, recv, d_rows, c_rows, pairs))
 
-    @_on_feed
     def run_step(self, step_key: object, work: StageWork, slot_ids: np.ndarray | None,
                  dilation: float, num_tokens: int, num_sampled: int,
                  recv_bytes: int = 0) -> StepRecords:
         """Execute this rank's stage of one plan (see the module docstring); ``recv_bytes``
         is the previous stage's ``pp_send_bytes`` (required when stage > 0)."""
-        return self._run_step(step_key, work, slot_ids, dilation, num_tokens, num_sampled,
-                              recv_bytes)()
-
-    def _run_step(self, step_key: object, work: StageWork, slot_ids: np.ndarray | None,
-                  dilation: float, num_tokens: int, num_sampled: int,
-                  recv_bytes: int = 0) -> Callable[[], StepRecords]:
-        """:meth:`run_step`, returning its records unmade: a call that makes them from the
-        step's recorder (a new one each step), so that the feed thread can start the next
-        step first."""
         topo, coll = self.topology, self._coll
         pre, attn, mlp, post = range(len(COMPUTE_KINDS))
         coll.begin_step(step_key)
@@ -361,46 +324,24 @@ class Worker:
             raise
         coll.end_step()
         self._num_steps += 1
-        return functools.partial(
-            coll.recorder.freeze, rank=self.rank, stage=topo.stage, step_key=step_key,
-            start_s=start_s, end_s=self._now(), num_tokens=num_tokens,
-            num_sampled_tokens=num_sampled,
+        return coll.recorder.freeze(
+            rank=self.rank, stage=topo.stage, step_key=step_key, start_s=start_s,
+            end_s=self._now(), num_tokens=num_tokens, num_sampled_tokens=num_sampled,
             num_kv_rows_written=0 if slot_ids is None else len(slot_ids))
 
-    def post_step(self, payload: bytes) -> None:
-        """Queue one step on the feed thread and return at once; :meth:`step_result` gives
-        its records, in posting order. ``payload``: :meth:`run_step`'s arguments pickled
-        (the driver's WorkerGroup sends one payload per stage: a Ray call with one bytes
-        argument is ~0.25 ms cheaper to submit than one with seven, per rank and step); its
-        last item, unless None, is ``(block_ids, kv_block_size_tokens)`` of KV blocks freed
-        since the replica's previous plan, released before the step runs (a call of its own
-        cost the driver another ~0.5 ms per rank). The payload is unpickled here, on Ray's
-        thread while the step before runs, and the records are made and pickled by
-        :meth:`step_result`: the feed thread goes from one step to the next without those
-        (~0.1, ~0.04 and ~0.2 ms)."""
-        try:
-            *args, freed = pickle.loads(payload)
-        except BaseException as exc:  # the step fails in its turn, and step_result says why
-            def fail(exc=exc):
-                raise exc
-            self._feed.post(fail)
-            return
-        self._feed.post(functools.partial(self._run_posted_step, args, freed))
-
-    @ray.method(concurrency_group="results")
-    def step_result(self) -> bytes:
-        """The pickled records (StepRecords) of the oldest step posted and not yet
-        collected, once it has run; raises what the step raised."""
-        return pickle.dumps(self._feed.take()(), protocol=pickle.HIGHEST_PROTOCOL)
-
-    def _run_posted_step(self, args: list, freed: tuple[np.ndarray, int] | None
-                         ) -> Callable[[], StepRecords]:
+    def run_step_packed(self, payload: bytes) -> bytes:
+        """:meth:`run_step` with its arguments and its records pickled (the driver's
+        WorkerGroup sends one payload per stage): a Ray call with one bytes argument and
+        result is ~0.25 ms cheaper to submit than one with seven, per rank and step. The
+        payload's last item, unless None, is ``(block_ids, kv_block_size_tokens)`` of KV
+        blocks freed since the replica's previous plan, released before the step runs (a
+        call of its own cost the driver another ~0.5 ms per rank)."""
+        *args, freed = pickle.loads(payload)
         if freed is not None:
-            self._free_kv_blocks(*freed)  # on the feed thread already
-        return self._run_step(*args)
+            self.free_kv_blocks(*freed)
+        return pickle.dumps(self.run_step(*args), protocol=pickle.HIGHEST_PROTOCOL)
 
     # -- microbenchmark ---------------------------------------------------------------------
-    @_on_feed
     def bench_sizes(self, op: str, sizes: list[int], num_iters: list[int],
                     num_warmup: int = 2, axis: str = "world") -> list[np.ndarray]:
         """Time ``num_iters[j]`` calls of ``op`` of each size ``sizes[j]`` over the ``axis``
@@ -461,7 +402,6 @@ class Worker:
         return times
 
     # -- control --------------------------------------------------------------------------
-    @_on_feed
     def set_host_mode(self, mode: HostMode, local_index: int, ranks_on_node: int) -> dict:
         """How this rank waits: compute delays spun or slept (delay.spin_for), whether it
         runs its share of the node's idle-priority spinners, and whether its threads run at
@@ -512,14 +452,12 @@ class Worker:
         EP_LOG_STEPS), for checking them against the routing."""
         return list(self._ep_log)
 
-    @_on_feed
     def skip_next_collective(self) -> None:
         """Fault injection: this rank silently skips its next collective. Queued behind
         the steps already submitted to it (not a control call), so the fault lands in the
         first step submitted after it, even where a step runs meanwhile."""
         self._coll.skip_next_collective()
 
-    @_on_feed
     def teardown(self) -> None:
         self._spinners.stop()
         if dist.is_initialized():
