@@ -136,6 +136,7 @@ class Worker:
         self.cpu: int | None = None
         self._spinners = IdleSpinners()
         self._coll = TimedCollectives(rank, {}, self._device, self._now, self._synchronize)
+        self._coll.delay = self._delay
         self._groups: dict = {}
         self._weights: list[torch.Tensor] = []
         self._kv_pool: torch.Tensor | None = None  # [rows, row_elems], a row = one slot
@@ -169,6 +170,7 @@ class Worker:
         self._groups = groups
         self._coll = TimedCollectives(self.rank, groups, self._device, self._now,
                                       self._synchronize)
+        self._coll.delay = self._delay
 
     def allocate(self, weight_shapes: list[tuple[int, ...]], kv_num_blocks: int,
                  kv_block_elems: int, memory_scale: float, *,
@@ -234,9 +236,8 @@ class Worker:
 
     # -- one step -------------------------------------------------------------------------
     def _compute(self, kind: int, layer: int, seconds: float) -> None:
-        start_s = self._now()
-        self._delay(seconds)
-        self._coll.recorder.add_compute(kind, layer, start_s, self._now())
+        # Deferred: waited out by the next op (TimedCollectives.compute).
+        self._coll.compute(kind, layer, seconds)
 
     def _check_step(self, work: StageWork, slot_ids: np.ndarray | None, num_tokens: int,
                     recv_bytes: int) -> None:
@@ -289,7 +290,7 @@ class Worker:
         topo, coll = self.topology, self._coll
         pre, attn, mlp, post = range(len(COMPUTE_KINDS))
         coll.begin_step(step_key)
-        start_s = self._now()
+        start_s = coll.ready_s
         try:
             self._check_step(work, slot_ids, num_tokens, recv_bytes)
             if topo.prev_stage_rank is not None:
@@ -301,7 +302,9 @@ class Worker:
             for i, layer in enumerate(work.layer_ids.tolist()):
                 self._compute(attn, layer, float(work.attn_compute_s[i]) * dilation)
                 if i == 0 and slot_ids is not None:
+                    coll.settle()
                     self._write_kv(slot_ids)
+                    coll.ready_s = self._now()  # the write is real work, not bookkeeping
                 if work.tp_allreduce_bytes:
                     coll.all_reduce("tp", work.tp_allreduce_bytes, layer)
                     if i == 0 and work.probe_bytes:
@@ -421,6 +424,7 @@ class Worker:
         if self.backend != "nccl":
             spin_s = self.spin_s
             self._delay = lambda seconds: precise_sleep(seconds, spin_s)
+            self._coll.delay = self._delay
         spun_whole = self.spin_s == float("inf")  # JSON has no infinity: None
         return {"spin_s": None if spun_whole else self.spin_s,
                 "spinners": self._spinners.count,
