@@ -14,7 +14,8 @@ the same run (these machines are shared and noisy, so absolute times mean little
     time) / wall, target <= 5% (project goal: 2%); and the per-step overhead divided by a
     bare Ray actor round trip measured in the same Ray; the part between steps divided by
     Ray's own gap between two calls of a bare actor when the next call is already queued
-    (the floor of a loop of one call per step). The emulation runs ahead
+    (the floor of a loop of one call per step); both bare actors run after the emulation,
+    with the same idle spinners and at the ranks' priority. The emulation runs ahead
     (RunConfig.run_ahead, the default: the next plan waits on the actors while a step
     runs); the same workload is emulated again without it, on the same workers, and its
     overhead printed beside.
@@ -93,15 +94,28 @@ def spinners_note(awake: bool) -> str:
     return f"{cpus_available()} idle spinners" if awake else "no spinners"
 
 
-def bare_round_trip_s(iters: int = 200) -> float:
+def _realtime_actor(actor, realtime: bool) -> None:
+    """Put a bare reference actor's threads at the ranks' real-time priority, as they ran."""
+    import ray
+
+    if realtime:
+        ray.get(actor.realtime.remote())
+
+
+def bare_round_trip_s(iters: int = 200, realtime: bool = False) -> float:
     import ray
 
     @ray.remote(num_cpus=0.01)
     class Echo:
+        def realtime(self):
+            from emulator.runtime.awake import set_realtime
+            return set_realtime(True)
+
         def ping(self):
             return 0
 
     echo = Echo.remote()
+    _realtime_actor(echo, realtime)
     ray.get(echo.ping.remote())
     times = []
     for _ in range(iters):
@@ -112,7 +126,7 @@ def bare_round_trip_s(iters: int = 200) -> float:
     return statistics.median(times)
 
 
-def bare_queued_gap_s(iters: int = 200, busy_s: float = 5e-3) -> float:
+def bare_queued_gap_s(iters: int = 200, busy_s: float = 5e-3, realtime: bool = False) -> float:
     """Ray's own time between two calls of an actor when the next is already queued: an
     actor whose call sleeps ``busy_s`` and stamps its start and end, two calls in flight
     (the caller submits the next as soon as the oldest returns, as the emulator does when it
@@ -121,12 +135,17 @@ def bare_queued_gap_s(iters: int = 200, busy_s: float = 5e-3) -> float:
 
     @ray.remote(num_cpus=0.01)
     class Sleeper:
+        def realtime(self):
+            from emulator.runtime.awake import set_realtime
+            return set_realtime(True)
+
         def call(self, busy):
             t0 = time.monotonic()
             time.sleep(busy)
             return t0, time.monotonic()
 
     actor = Sleeper.remote()
+    _realtime_actor(actor, realtime)
     ray.get(actor.call.remote(0.0))
     refs = [actor.call.remote(busy_s) for _ in range(2)]
     stamps = []
@@ -181,9 +200,8 @@ def main() -> None:
                        rank_priority=args.rank_priority, pin_ranks=args.pin_ranks)
     setup = build_run(cfg, record_slots=True)
     sync_setup = build_run(cfg.model_copy(update={"run_ahead": False}), record_slots=True)
+    from emulator.runtime.awake import IdleSpinners, cpus_available, node_cpus
     with start_ray(None):
-        rtt_s = bare_round_trip_s()
-        queued_gap_s = bare_queued_gap_s()
         with WorkerGroup(setup.layout, backend="gloo", timeout_s=60) as group:
             emu = Emulation(setup, group)
             emu.allocate()
@@ -193,6 +211,17 @@ def main() -> None:
             sync.allocate()
             sync.run()
             sync_tables = sync.tables()
+        # Ray's own references, under the host conditions the ranks ran in: the same
+        # number of idle spinners, the actor at the ranks' priority.
+        awake = emu.host_mode[0]["spinners"] > 0
+        spin_s, realtime = emu.host_mode[0]["spin_s"], emu.host_mode[0]["realtime"]
+        spinners = IdleSpinners()
+        spinners.start(cpus_available() if awake else 0)
+        try:
+            rtt_s = bare_round_trip_s(realtime=realtime)
+            queued_gap_s = bare_queued_gap_s(realtime=realtime)
+        finally:
+            spinners.stop()
     d = args.dilation
     steps = tables.steps
     col = tables.collectives
@@ -209,11 +238,7 @@ def main() -> None:
     # The raw references run under the same host conditions: the same spinners, and each
     # delayed all-reduce after a compute delay of the step's median per-collective length,
     # waited the way the workers wait, at the priority they ran at.
-    from emulator.runtime.awake import IdleSpinners, cpus_available
-    awake = emu.host_mode[0]["spinners"] > 0
-    spin_s, realtime = emu.host_mode[0]["spin_s"], emu.host_mode[0]["realtime"]
     spin_s = float("inf") if spin_s is None else spin_s  # None: delays spun whole
-    from emulator.runtime.awake import node_cpus
     slots = [None if m.get("cpu") is None else node_cpus().index(m["cpu"])
              for m in emu.host_mode]
     decode = steps["num_prefill_tokens"].to_numpy() == 0

@@ -24,6 +24,9 @@ One step on one rank (``run_step``), with ``d = dilation``:
 KV rows are written once per step, after the first layer's attention (one index_fill over
 all of the step's slots): a pool row stands for one token's KV in *all* of this stage's
 layers, so one write per step touches exactly the rows a real engine would fill.
+A "sleep" above is timed from the end of the rank's previous op (the step's start, a
+collective's exit, the KV write's end) and waited out by the op after it, so the rank's own
+Python between ops runs inside the delay (groups.TimedCollectives.compute).
 """
 
 from __future__ import annotations
