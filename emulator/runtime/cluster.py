@@ -338,7 +338,7 @@ class WorkerGroup:
                        if isinstance(exc, OutOfMemoryError) else "")
                 raise self._step_failure(pending, why) from None
             for i, value in zip(idx, values):
-                pending.results[i] = pickle.loads(value)  # Worker.run_step_packed
+                pending.results[i] = StepRecords.unpack(value)  # Worker.run_step_packed
         return pending.done
 
     def collect(self, pending: PendingStep) -> list[StepRecords]:

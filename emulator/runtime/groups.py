@@ -178,9 +178,15 @@ class TimedCollectives:
         """Wait until the pending compute delay's deadline and record it. A delay whose
         deadline passed before this call is recorded as ending at its deadline; the late
         time after it stays outside (control overhead, not compute)."""
+        row = self._wait()
+        if row is not None:
+            self.recorder.add_compute(*row)
+
+    def _wait(self) -> tuple[int, int, float, float] | None:
+        """:meth:`settle` without the recording: the row to record, or None."""
         pending = self._pending
         if pending is None:
-            return
+            return None
         self._pending = None
         kind, layer, start_s, deadline_s = pending
         now_s = self._clock()
@@ -190,7 +196,7 @@ class TimedCollectives:
         else:
             end_s, ready_s = deadline_s, now_s
         self.ready_s = ready_s
-        self.recorder.add_compute(kind, layer, start_s, end_s)
+        return kind, layer, start_s, end_s
 
     # -- step lifecycle -------------------------------------------------------------------
     def begin_step(self, step_key: object) -> StepRecorder:
@@ -263,13 +269,15 @@ class TimedCollectives:
         else:
             p.entered_tp.append(position)
         p.blocked = True
-        self.settle()
+        row = self._wait()  # recorded after the call: inside the next delay
         entry_s = self._clock()
         call()
         self._synchronize()
         exit_s = self.ready_s = self._clock()
         p.blocked = False
         p.position += 1
+        if row is not None:
+            self.recorder.add_compute(*row)
         self.recorder.add_collective(OPS.index(op), AXES.index(axis), layer, peer, num_bytes,
                                      entry_s, exit_s)
 

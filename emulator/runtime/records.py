@@ -2,13 +2,16 @@
 its collective state.
 
 Records are numpy columns (one row per collective or compute delay) so a step's payload
-through Ray stays a few KiB even with hundreds of layers. Times are seconds on the driver's
+through Ray stays a few KiB even with hundreds of layers; a rank packs them as two flat
+buffers (StepRecorder.pack) and the driver unpacks them into columns. Times are seconds on the driver's
 monotonic clock: the worker's ``time.monotonic_ns`` plus the clock offset the driver set for
 its node (0 on the driver's node, where all processes share CLOCK_MONOTONIC).
 """
 
 from __future__ import annotations
 
+import pickle
+from array import array
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -72,6 +75,33 @@ class StepRecords:
     comp_end_s: np.ndarray = field(repr=False)
     """float64 [K]"""
 
+    @classmethod
+    def from_rows(cls, meta: tuple, coll: np.ndarray, comp: np.ndarray) -> StepRecords:
+        """From a StepRecorder's flat rows (float64, COLL_FIELDS / COMP_FIELDS per row) and
+        ``meta`` = (rank, stage, step_key, start_s, end_s, num_tokens, num_sampled_tokens,
+        num_kv_rows_written)."""
+        rank, stage, step_key, start_s, end_s, num_tokens, num_sampled, num_kv = meta
+        c = coll.reshape(-1, COLL_FIELDS)
+        k = comp.reshape(-1, COMP_FIELDS)
+        comp_start, comp_end = k[:, 2].copy(), k[:, 3].copy()
+        return cls(
+            rank=rank, stage=stage, step_key=step_key, start_s=start_s, end_s=end_s,
+            compute_s=float((comp_end - comp_start).sum()), num_tokens=num_tokens,
+            num_sampled_tokens=num_sampled, num_kv_rows_written=num_kv,
+            coll_op=c[:, 0].astype(np.int8), coll_axis=c[:, 1].astype(np.int8),
+            coll_layer=c[:, 2].astype(np.int32), coll_peer=c[:, 3].astype(np.int32),
+            coll_bytes=c[:, 4].astype(np.int64), coll_entry_s=c[:, 5].copy(),
+            coll_exit_s=c[:, 6].copy(), comp_kind=k[:, 0].astype(np.int8),
+            comp_layer=k[:, 1].astype(np.int32), comp_start_s=comp_start,
+            comp_end_s=comp_end)
+
+    @classmethod
+    def unpack(cls, payload: bytes) -> StepRecords:
+        """The records :meth:`StepRecorder.pack` packed."""
+        meta, coll, comp = pickle.loads(payload)
+        return cls.from_rows(meta, np.frombuffer(coll, dtype=np.float64),
+                             np.frombuffer(comp, dtype=np.float64))
+
     @property
     def num_collectives(self) -> int:
         return int(self.coll_op.shape[0])
@@ -84,43 +114,53 @@ class StepRecords:
         return int(mask.sum())
 
 
+COLL_FIELDS = 7
+"""Values per collective row of a StepRecorder: op, axis, layer, peer, bytes, entry, exit."""
+COMP_FIELDS = 4
+"""Values per compute row of a StepRecorder: kind, layer, start, end."""
+
+
 class StepRecorder:
-    """Appends rows while a step runs and freezes them into :class:`StepRecords`."""
+    """Appends rows while a step runs and freezes them into :class:`StepRecords`, or packs
+    them for the driver (:meth:`pack`, :meth:`StepRecords.unpack`).
+
+    Rows go into flat ``array('d')`` buffers (every value is exact in a double: small ints,
+    byte counts below 2**53, clock seconds), so that packing a step costs two memory copies
+    at the step's end, where the rank's time is not hidden inside a delay."""
 
     __slots__ = ("_coll", "_comp")
 
     def __init__(self) -> None:
-        self._coll: list[tuple[int, int, int, int, int, float, float]] = []
-        self._comp: list[tuple[int, int, float, float]] = []
+        self._coll = array("d")
+        self._comp = array("d")
 
     def add_collective(self, op: int, axis: int, layer: int, peer: int, num_bytes: int,
                        entry_s: float, exit_s: float) -> None:
-        self._coll.append((op, axis, layer, peer, num_bytes, entry_s, exit_s))
+        self._coll.extend((op, axis, layer, peer, num_bytes, entry_s, exit_s))
 
     def add_compute(self, kind: int, layer: int, start_s: float, end_s: float) -> None:
-        self._comp.append((kind, layer, start_s, end_s))
+        self._comp.extend((kind, layer, start_s, end_s))
+
+    def compute_rows(self) -> np.ndarray:
+        """float64 [K, 4]: the compute rows so far (kind, layer, start_s, end_s)."""
+        return np.array(self._comp, dtype=np.float64).reshape(-1, COMP_FIELDS)
 
     def freeze(self, *, rank: int, stage: int, step_key: object, start_s: float, end_s: float,
                num_tokens: int, num_sampled_tokens: int, num_kv_rows_written: int
                ) -> StepRecords:
-        coll = list(zip(*self._coll)) if self._coll else [()] * 7
-        comp = list(zip(*self._comp)) if self._comp else [()] * 4
-        comp_start = np.asarray(comp[2], dtype=np.float64)
-        comp_end = np.asarray(comp[3], dtype=np.float64)
-        return StepRecords(
-            rank=rank, stage=stage, step_key=step_key, start_s=start_s, end_s=end_s,
-            compute_s=float((comp_end - comp_start).sum()), num_tokens=num_tokens,
-            num_sampled_tokens=num_sampled_tokens, num_kv_rows_written=num_kv_rows_written,
-            coll_op=np.asarray(coll[0], dtype=np.int8),
-            coll_axis=np.asarray(coll[1], dtype=np.int8),
-            coll_layer=np.asarray(coll[2], dtype=np.int32),
-            coll_peer=np.asarray(coll[3], dtype=np.int32),
-            coll_bytes=np.asarray(coll[4], dtype=np.int64),
-            coll_entry_s=np.asarray(coll[5], dtype=np.float64),
-            coll_exit_s=np.asarray(coll[6], dtype=np.float64),
-            comp_kind=np.asarray(comp[0], dtype=np.int8),
-            comp_layer=np.asarray(comp[1], dtype=np.int32),
-            comp_start_s=comp_start, comp_end_s=comp_end)
+        return StepRecords.from_rows(
+            (rank, stage, step_key, start_s, end_s, num_tokens, num_sampled_tokens,
+             num_kv_rows_written),
+            np.array(self._coll, dtype=np.float64), np.array(self._comp, dtype=np.float64))
+
+    def pack(self, *, rank: int, stage: int, step_key: object, start_s: float, end_s: float,
+             num_tokens: int, num_sampled_tokens: int, num_kv_rows_written: int) -> bytes:
+        """What :meth:`freeze` returns, as bytes for :meth:`StepRecords.unpack`: ~10 us
+        instead of ~200 us to freeze and pickle a step of ~130 rows on the development VM."""
+        return pickle.dumps(((rank, stage, step_key, start_s, end_s, num_tokens,
+                              num_sampled_tokens, num_kv_rows_written),
+                             self._coll.tobytes(), self._comp.tobytes()),
+                            protocol=pickle.HIGHEST_PROTOCOL)
 
 
 @dataclass(slots=True)

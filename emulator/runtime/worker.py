@@ -290,6 +290,13 @@ class Worker:
                  recv_bytes: int = 0) -> StepRecords:
         """Execute this rank's stage of one plan (see the module docstring); ``recv_bytes``
         is the previous stage's ``pp_send_bytes`` (required when stage > 0)."""
+        meta = self._step(step_key, work, slot_ids, dilation, num_tokens, num_sampled,
+                          recv_bytes)
+        return self._coll.recorder.freeze(**meta)  # the step's own recorder (begin_step)
+
+    def _step(self, step_key: object, work: StageWork, slot_ids: np.ndarray | None,
+              dilation: float, num_tokens: int, num_sampled: int, recv_bytes: int) -> dict:
+        """Run the step; returns the records' scalar fields (StepRecorder.freeze)."""
         topo, coll = self.topology, self._coll
         pre, attn, mlp, post = range(len(COMPUTE_KINDS))
         coll.begin_step(step_key)
@@ -330,14 +337,13 @@ class Worker:
             raise
         coll.end_step()
         self._num_steps += 1
-        return coll.recorder.freeze(
-            rank=self.rank, stage=topo.stage, step_key=step_key, start_s=start_s,
-            end_s=self._now(), num_tokens=num_tokens, num_sampled_tokens=num_sampled,
-            num_kv_rows_written=0 if slot_ids is None else len(slot_ids))
+        return dict(rank=self.rank, stage=topo.stage, step_key=step_key, start_s=start_s,
+                    end_s=self._now(), num_tokens=num_tokens, num_sampled_tokens=num_sampled,
+                    num_kv_rows_written=0 if slot_ids is None else len(slot_ids))
 
     def run_step_packed(self, payload: bytes) -> bytes:
-        """:meth:`run_step` with its arguments and its records pickled (the driver's
-        WorkerGroup sends one payload per stage): a Ray call with one bytes argument and
+        """:meth:`run_step` with its arguments pickled and its records packed
+        (StepRecorder.pack; the driver's WorkerGroup sends one payload per stage): a Ray call with one bytes argument and
         result is ~0.25 ms cheaper to submit than one with seven, per rank and step. The
         payload's last item, unless None, is ``(block_ids, kv_block_size_tokens)`` of KV
         blocks freed since the replica's previous plan, released before the step runs (a
@@ -345,7 +351,8 @@ class Worker:
         *args, freed = pickle.loads(payload)
         if freed is not None:
             self.free_kv_blocks(*freed)
-        return pickle.dumps(self.run_step(*args), protocol=pickle.HIGHEST_PROTOCOL)
+        meta = self._step(*args)
+        return self._coll.recorder.pack(**meta)  # the step's own recorder (begin_step)
 
     # -- microbenchmark ---------------------------------------------------------------------
     def bench_sizes(self, op: str, sizes: list[int], num_iters: list[int],

@@ -56,12 +56,12 @@ def test_compute_delay_runs_from_the_previous_ops_end():
     clock.t += 3e-6
     coll.settle()
     assert clock.waits == [pytest.approx(97e-6)]
-    (kind, layer, start, end), = coll.recorder._comp
+    (kind, layer, start, end), = coll.recorder.compute_rows()
     assert (kind, layer, start) == (1, 0, 10.0)
     assert end == pytest.approx(10.0 + 101e-6)
     assert coll.ready_s == end
     coll.settle()  # nothing pending: no second wait, no second record
-    assert len(clock.waits) == 1 and len(coll.recorder._comp) == 1
+    assert len(clock.waits) == 1 and len(coll.recorder.compute_rows()) == 1
 
 
 def test_consecutive_delays_chain_and_a_late_delay_is_not_stretched():
@@ -71,7 +71,7 @@ def test_consecutive_delays_chain_and_a_late_delay_is_not_stretched():
     coll.compute(2, 0, 20e-6)  # waits out the first, then starts at its end
     clock.t += 30e-6  # later than the second delay's deadline
     coll.settle()
-    first, second = coll.recorder._comp
+    first, second = (tuple(row) for row in coll.recorder.compute_rows())
     assert first[2:] == (10.0, pytest.approx(10.0 + 51e-6))
     # Late: recorded up to its deadline; the 11 us after it stay outside (overhead).
     assert second[2:] == (first[3], pytest.approx(first[3] + 20e-6))
