@@ -3,9 +3,9 @@ its collective state.
 
 Records are numpy columns (one row per collective or compute delay) so a step's payload
 through Ray stays a few KiB even with hundreds of layers; a rank packs them as two flat
-buffers (StepRecorder.pack) and the driver unpacks them into columns. Times are seconds on the driver's
-monotonic clock: the worker's ``time.monotonic_ns`` plus the clock offset the driver set for
-its node (0 on the driver's node, where all processes share CLOCK_MONOTONIC).
+buffers (StepRecorder.pack) and the driver unpacks them into columns. Times are seconds on
+the driver's monotonic clock: the worker's ``time.monotonic_ns`` plus the clock offset the
+driver set for its node (0 on the driver's node, where all processes share CLOCK_MONOTONIC).
 """
 
 from __future__ import annotations

@@ -343,8 +343,9 @@ class Worker:
 
     def run_step_packed(self, payload: bytes) -> bytes:
         """:meth:`run_step` with its arguments pickled and its records packed
-        (StepRecorder.pack; the driver's WorkerGroup sends one payload per stage): a Ray call with one bytes argument and
-        result is ~0.25 ms cheaper to submit than one with seven, per rank and step. The
+        (StepRecorder.pack; the driver's WorkerGroup sends one payload per stage): a Ray
+        call with one bytes argument and result is ~0.25 ms cheaper to submit than one with
+        seven, per rank and step. The
         payload's last item, unless None, is ``(block_ids, kv_block_size_tokens)`` of KV
         blocks freed since the replica's previous plan, released before the step runs (a
         call of its own cost the driver another ~0.5 ms per rank)."""
