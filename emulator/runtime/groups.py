@@ -140,7 +140,8 @@ class TimedCollectives:
     once (the worker runs steps on one thread); ``state()`` may be read from another."""
 
     def __init__(self, rank: int, groups: dict[str, Any], device: torch.device,
-                 clock: Callable[[], float], synchronize: Callable[[], None]) -> None:
+                 clock: Callable[[], float], synchronize: Callable[[], None],
+                 delay: Callable[[float], object]) -> None:
         self.rank = rank
         self._groups = groups
         self._device = device
@@ -157,8 +158,9 @@ class TimedCollectives:
         with plans queued on the actor a rank may be a step further on by the time the
         driver asks about a failed one."""
         self.recorder = StepRecorder()
-        self.delay: Callable[[float], object] = lambda seconds: None
-        """Waits out a compute delay of ``seconds`` (the worker's delay function)."""
+        self.delay = delay
+        """Waits out a compute delay of ``seconds`` (the worker's delay function; the
+        worker replaces it when its host mode changes how delays are waited)."""
         self.ready_s = 0.0
         """When this rank's last op of the step ended (its clock): the step's start, a
         collective's exit, a compute delay's end or :meth:`settle`'s caller's real work."""

@@ -128,18 +128,18 @@ class Worker:
             self._device = torch.device("cuda", 0)  # Ray exposes the assigned GPU as 0
             torch.cuda.set_device(self._device)
             cuda_delay = CudaStreamDelay()
-            self._delay = lambda s: (cuda_delay.enqueue(s), torch.cuda.synchronize())
+            delay = lambda s: (cuda_delay.enqueue(s), torch.cuda.synchronize())  # noqa: E731
             self._synchronize = torch.cuda.synchronize
         else:
             self._device = torch.device("cpu")
-            self._delay = precise_sleep
+            delay = precise_sleep
             self._synchronize = lambda: None
         self.spin_s = SPIN_S
         self.realtime = False
         self.cpu: int | None = None
         self._spinners = IdleSpinners()
-        self._coll = TimedCollectives(rank, {}, self._device, self._now, self._synchronize)
-        self._coll.delay = self._delay
+        self._coll = TimedCollectives(rank, {}, self._device, self._now, self._synchronize,
+                                      delay)
         self._groups: dict = {}
         self._weights: list[torch.Tensor] = []
         self._kv_pool: torch.Tensor | None = None  # [rows, row_elems], a row = one slot
@@ -172,8 +172,7 @@ class Worker:
                                      timeout_s=self.timeout_s)
         self._groups = groups
         self._coll = TimedCollectives(self.rank, groups, self._device, self._now,
-                                      self._synchronize)
-        self._coll.delay = self._delay
+                                      self._synchronize, self._coll.delay)
 
     def allocate(self, weight_shapes: list[tuple[int, ...]], kv_num_blocks: int,
                  kv_block_elems: int, memory_scale: float, *,
@@ -434,8 +433,7 @@ class Worker:
             self.realtime = waits.realtime
         if self.backend != "nccl":
             spin_s = self.spin_s
-            self._delay = lambda seconds: precise_sleep(seconds, spin_s)
-            self._coll.delay = self._delay
+            self._coll.delay = lambda seconds: precise_sleep(seconds, spin_s)
         spun_whole = self.spin_s == float("inf")  # JSON has no infinity: None
         return {"spin_s": None if spun_whole else self.spin_s,
                 "spinners": self._spinners.count,

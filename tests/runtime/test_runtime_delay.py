@@ -41,10 +41,17 @@ def timed(clock: FakeClock):
 
     from emulator.runtime.groups import TimedCollectives
 
-    coll = TimedCollectives(0, {}, torch.device("cpu"), clock, lambda: None)
-    coll.delay = clock.delay
+    coll = TimedCollectives(0, {}, torch.device("cpu"), clock, lambda: None, clock.delay)
     coll.begin_step(("step", 0))
     return coll
+
+
+def compute_rows(coll) -> list[tuple[int, int, float, float]]:
+    """(kind, layer, start_s, end_s) of the compute delays recorded so far."""
+    rec = coll.recorder.freeze(rank=0, stage=0, step_key=None, start_s=0.0, end_s=0.0,
+                               num_tokens=0, num_sampled_tokens=0, num_kv_rows_written=0)
+    return [(int(k), int(layer), float(a), float(b)) for k, layer, a, b in
+            zip(rec.comp_kind, rec.comp_layer, rec.comp_start_s, rec.comp_end_s)]
 
 
 def test_compute_delay_runs_from_the_previous_ops_end():
@@ -56,12 +63,12 @@ def test_compute_delay_runs_from_the_previous_ops_end():
     clock.t += 3e-6
     coll.settle()
     assert clock.waits == [pytest.approx(97e-6)]
-    (kind, layer, start, end), = coll.recorder.compute_rows()
+    (kind, layer, start, end), = compute_rows(coll)
     assert (kind, layer, start) == (1, 0, 10.0)
     assert end == pytest.approx(10.0 + 101e-6)
     assert coll.ready_s == end
     coll.settle()  # nothing pending: no second wait, no second record
-    assert len(clock.waits) == 1 and len(coll.recorder.compute_rows()) == 1
+    assert len(clock.waits) == 1 and len(compute_rows(coll)) == 1
 
 
 def test_consecutive_delays_chain_and_a_late_delay_is_not_stretched():
@@ -71,7 +78,7 @@ def test_consecutive_delays_chain_and_a_late_delay_is_not_stretched():
     coll.compute(2, 0, 20e-6)  # waits out the first, then starts at its end
     clock.t += 30e-6  # later than the second delay's deadline
     coll.settle()
-    first, second = (tuple(row) for row in coll.recorder.compute_rows())
+    first, second = compute_rows(coll)
     assert first[2:] == (10.0, pytest.approx(10.0 + 51e-6))
     # Late: recorded up to its deadline; the 11 us after it stay outside (overhead).
     assert second[2:] == (first[3], pytest.approx(first[3] + 20e-6))
