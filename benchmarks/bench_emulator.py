@@ -94,19 +94,13 @@ def spinners_note(awake: bool) -> str:
     return f"{cpus_available()} idle spinners" if awake else "no spinners"
 
 
-def _realtime_actor(actor, realtime: bool) -> None:
-    """Put a bare reference actor's threads at the ranks' real-time priority, as they ran."""
-    import ray
-
-    if realtime:
-        ray.get(actor.realtime.remote())
-
-
-def bare_round_trip_s(iters: int = 200, realtime: bool = False) -> float:
+def _bare_actor(realtime: bool):
+    """A Ray actor that does nothing of its own (ping; call sleeps and stamps), at the
+    ranks' real-time priority when they ran at it."""
     import ray
 
     @ray.remote(num_cpus=0.01)
-    class Echo:
+    class Bare:
         def realtime(self):
             from emulator.runtime.awake import set_realtime
             return set_realtime(True)
@@ -114,8 +108,21 @@ def bare_round_trip_s(iters: int = 200, realtime: bool = False) -> float:
         def ping(self):
             return 0
 
-    echo = Echo.remote()
-    _realtime_actor(echo, realtime)
+        def call(self, busy):
+            t0 = time.monotonic()
+            time.sleep(busy)
+            return t0, time.monotonic()
+
+    actor = Bare.remote()
+    if realtime:
+        ray.get(actor.realtime.remote())
+    return actor
+
+
+def bare_round_trip_s(iters: int = 200, realtime: bool = False) -> float:
+    import ray
+
+    echo = _bare_actor(realtime)
     ray.get(echo.ping.remote())
     times = []
     for _ in range(iters):
@@ -133,19 +140,7 @@ def bare_queued_gap_s(iters: int = 200, busy_s: float = 5e-3, realtime: bool = F
     runs ahead); the median of (start of call k+1 - end of call k) inside the actor."""
     import ray
 
-    @ray.remote(num_cpus=0.01)
-    class Sleeper:
-        def realtime(self):
-            from emulator.runtime.awake import set_realtime
-            return set_realtime(True)
-
-        def call(self, busy):
-            t0 = time.monotonic()
-            time.sleep(busy)
-            return t0, time.monotonic()
-
-    actor = Sleeper.remote()
-    _realtime_actor(actor, realtime)
+    actor = _bare_actor(realtime)
     ray.get(actor.call.remote(0.0))
     refs = [actor.call.remote(busy_s) for _ in range(2)]
     stamps = []
