@@ -273,8 +273,11 @@ def realtime_allowed(priority: int | None = None) -> bool:
 def set_realtime(on: bool, priority: int | None = None) -> int:
     """Put every thread of this process (the caller's, gloo's and Ray's) at real-time
     priority (``SCHED_FIFO`` at ``priority``, default RANK_RT_PRIORITY; reset on
-    fork so spawned children run normally), or back to normal; threads started later
-    inherit it from the thread that starts them. Returns how many threads were switched."""
+    fork so spawned children run normally), or back to normal. Threads started later run
+    at normal priority: the reset applies to threads too (checked on Linux: a thread started
+    by a real-time thread runs SCHED_OTHER), so this is called once the process has the
+    threads that matter (ranks: after their process groups, whose gloo threads exist from
+    then on). Returns how many threads were switched."""
     level = RANK_RT_PRIORITY if priority is None else priority
     policy, param = ((os.SCHED_FIFO | os.SCHED_RESET_ON_FORK, os.sched_param(level)) if on
                      else (os.SCHED_OTHER, os.sched_param(0)))

@@ -112,6 +112,11 @@ def test_set_realtime_switches_every_thread_and_children_start_normal():
         child = subprocess.run([sys.executable, "-c", "import os; print(os.sched_getscheduler(0))"],
                                capture_output=True, text=True, timeout=30, check=True)
         assert int(child.stdout) == os.SCHED_OTHER  # reset on fork
+        later: list[int] = []  # and so are threads started afterwards (the docstring says so)
+        t = threading.Thread(target=lambda: later.append(policy(0)))
+        t.start()
+        t.join()
+        assert later == [os.SCHED_OTHER]
     finally:
         set_realtime(False)
         stop.set()
