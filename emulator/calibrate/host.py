@@ -268,7 +268,8 @@ def with_idle(work: StepWork, dilation: float, idle_s: float, sender_waits: bool
 def measure_pipeline_wake(group, line_s, num_bytes: int = PROBE_BYTES,
                           grid_s: tuple[float, ...] = P2P_IDLE_GRID_S, num_steps: int = 24,
                           template: StepWork | None = None, dilation: float = 1.0,
-                          kv_row_elems: int = KV_PROBE_ROW_ELEMS) -> dict[str, list[float]]:
+                          kv_row_elems: int = KV_PROBE_ROW_ELEMS,
+                          warm_bytes: int | None = None) -> dict[str, list[float]]:
     """The pipeline fields of a HostOverhead (p2p_idle_grid_s, p2p_wake_s, p2p_send_wake_s,
     p2p_recv_idle_s, p2p_send_idle_s, delay_gap_s, p2p_stage_fixed_s, and with a template
     kv_write_s), measured the way an emulation runs its transfers:
@@ -287,7 +288,13 @@ def measure_pipeline_wake(group, line_s, num_bytes: int = PROBE_BYTES,
     also writes the step's KV rows (``template.num_tokens`` of ``kv_row_elems`` elements)
     after its first attention delay, as in the run: that gap less the median of the
     stage's other gaps is ``kv_write_s`` (returned only then), and it is kept out of
-    ``delay_gap_s``."""
+    ``delay_gap_s``.
+
+    ``warm_bytes`` (a run's largest transfer, its prefill's): one plan moving that many bytes
+    goes first, so that the pipeline's sockets have carried a message that large, as a
+    run's have by the time its decode transfers happen. On the development VM, after one
+    8.4 MB message, sender-waited transfers of 128 KiB and more took 50-80 us longer than
+    on fresh sockets and smaller ones did not (docs/results-validation.md, repeat 15)."""
     attn = COMPUTE_KINDS.index("attn")
     line = line_s("send_recv", num_bytes)
     slots = None
@@ -300,6 +307,9 @@ def measure_pipeline_wake(group, line_s, num_bytes: int = PROBE_BYTES,
         shape = pipeline_stages(template, dilation, num_bytes)
         work_at = lambda d, sender_waits: with_idle(shape, dilation, d, sender_waits)  # noqa: E731
         slots = kv_probe_slots(group, shape.num_tokens, kv_row_elems)
+    if warm_bytes:
+        group.collect(group.submit_replica_step(0, pipeline_work((2e-4, 2e-4), warm_bytes),
+                                                None, 1.0, step_key=("p2p-warm",)))
     warmup = 2     # plans whose transfers fall while the pipeline fills
     wakes: dict[bool, list[float]] = {False: [], True: []}
     idles: dict[bool, list[float]] = {False: [], True: []}

@@ -23,7 +23,8 @@ def probe_host(world: int, profile: CommProfile, *, address: str | None = None,
                dilation: float = 1.0, gather_bytes: int | None = None,
                gap_model: tuple[str, str] = ("tiny", "h100"),
                pipeline_gap: bool = False, kv_rows: int | None = None,
-               kv_row_elems: int | None = None) -> HostProbe:
+               kv_row_elems: int | None = None,
+               pipeline_warm_bytes: int | None = None) -> HostProbe:
     """Start ``world`` workers (TP over all of them) and measure the host overheads against
     ``profile``'s lines, with the ranks waiting as an emulation in ``host_mode`` waits (the
     overheads differ a lot between modes), with messages of ``num_bytes`` (default
@@ -38,7 +39,8 @@ def probe_host(world: int, profile: CommProfile, *, address: str | None = None,
     group instead (calibrate.host.measure_pipeline_gap), the per-collective slope still
     the TP probe's. ``kv_rows``, ``kv_row_elems``: the KV rows a step of the run writes and
     their size (defaults KV_PROBE_ROWS, KV_PROBE_ROW_ELEMS); the pipeline probe writes its
-    template's rows."""
+    template's rows. ``pipeline_warm_bytes``: the run's largest transfer, which the pipeline
+    probe's sockets carry first (calibrate.host.measure_pipeline_wake's ``warm_bytes``)."""
     from emulator.calibrate.host import (KV_PROBE_ROW_ELEMS, KV_PROBE_ROWS, PROBE_BYTES,
                                          measure_host_overhead, measure_pipeline_gap,
                                          measure_pipeline_wake)
@@ -63,7 +65,8 @@ def probe_host(world: int, profile: CommProfile, *, address: str | None = None,
             g.set_host_mode(host_mode)
             pipeline = measure_pipeline_wake(g, line_s, num_bytes=num_bytes or PROBE_BYTES,
                                              template=pipeline_template, dilation=dilation,
-                                             kv_row_elems=kv_row_elems or KV_PROBE_ROW_ELEMS)
+                                             kv_row_elems=kv_row_elems or KV_PROBE_ROW_ELEMS,
+                                             warm_bytes=pipeline_warm_bytes)
             if pipeline_gap:
                 pipeline["step_gap_s"], pipeline["step_gap_driver_s"] = \
                     measure_pipeline_gap(g, *gap_model, host_mode=host_mode)

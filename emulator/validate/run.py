@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -73,21 +73,34 @@ def probe_bytes(config: RunConfig) -> int:
     return probe_plan(config)[0]
 
 
-def probe_plan(config: RunConfig) -> tuple[int, StepWork | None]:
-    """(:func:`probe_bytes`, the cost model's work of a step shaped like the run's median
-    one, or None for an empty run): the median step by tokens of a simulation without host
-    overheads, rebuilt as a plan of its decodes (each with an equal share of the KV cache
-    it held) and one prefill of its prompt tokens. The pipeline probe runs its stages'
-    program (calibrate.host.pipeline_stages)."""
+class ProbePlan(NamedTuple):
+    """What the host probes of a run are shaped by (:func:`probe_plan`)."""
+
+    num_bytes: int
+    """:func:`probe_bytes`."""
+    template: StepWork | None
+    """The cost model's work of a step shaped like the run's median one; None for an empty
+    run. The pipeline probe runs its stages' program (calibrate.host.pipeline_stages)."""
+    largest_bytes: int
+    """The activations of the run's largest step (its prefill's, usually): what the
+    pipeline probe's sockets carry first (calibrate.host.measure_pipeline_wake's
+    ``warm_bytes``)."""
+
+
+def probe_plan(config: RunConfig) -> ProbePlan:
+    """The median step by tokens of a simulation without host overheads, rebuilt as a plan
+    of its decodes (each with an equal share of the KV cache it held) and one prefill of its
+    prompt tokens, with its activations' size and the largest step's (:class:`ProbePlan`)."""
     setup = build_run(config)
     steps = simulate(setup).steps
     if not steps.num_rows:
-        return PROBE_BYTES, None
+        return ProbePlan(PROBE_BYTES, None, PROBE_BYTES)
     prefill = steps["num_prefill_tokens"].to_numpy()
     decode = steps["num_decode_tokens"].to_numpy()
     tokens = prefill + decode
     row = int(np.argsort(tokens, kind="stable")[(tokens.size - 1) // 2])  # (lower) median
-    num_bytes = max(1, int(tokens[row])) * setup.model.hidden_size * setup.model.dtype_bytes
+    token_bytes = setup.model.hidden_size * setup.model.dtype_bytes
+    num_bytes = max(1, int(tokens[row])) * token_bytes
     p, d = int(prefill[row]), int(decode[row])
     held = int(steps["kv_blocks_used"].to_numpy()[row]) * config.block_size
     ctx = max(0, held - p) // max(d, 1)
@@ -97,7 +110,7 @@ def probe_plan(config: RunConfig) -> tuple[int, StepWork | None]:
                      request_index=np.arange(new.size, dtype=np.int64), num_new_tokens=new,
                      num_context_tokens=np.array([ctx] * d + ([0] if p else []), dtype=np.int64),
                      is_prefill=np.array([False] * d + ([True] if p else []), dtype=bool))
-    return num_bytes, setup.cost.step_work(plan)
+    return ProbePlan(num_bytes, setup.cost.step_work(plan), max(1, int(tokens.max())) * token_bytes)
 
 
 def gather_bytes(config: RunConfig, template: StepWork | None) -> int | None:
@@ -262,7 +275,8 @@ def validate(config: RunConfig, outdir: Path, *, host_probe: bool = True,
     profile = host_profile(config)
     outdir = Path(outdir)
     probes: list[HostProbe] = []
-    num_bytes, template = probe_plan(config) if host_probe or thermometer else (0, None)
+    num_bytes, template, largest = (probe_plan(config) if host_probe or thermometer
+                                    else (0, None, None))
     if thermometer and config.tp > 1:
         config = config.model_copy(update={"thermometer_bytes": num_bytes})
     gather = gather_bytes(config, template)
@@ -286,7 +300,8 @@ def validate(config: RunConfig, outdir: Path, *, host_probe: bool = True,
                                  gap_model=(config.model, config.hardware),
                                  pipeline_gap=config.pp > 1,
                                  kv_rows=template.num_tokens if template is not None else None,
-                                 kv_row_elems=row_elems))
+                                 kv_row_elems=row_elems,
+                                 pipeline_warm_bytes=largest if pipelined else None))
 
     if host_probe:
         probe()

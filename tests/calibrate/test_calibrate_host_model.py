@@ -213,6 +213,33 @@ def test_pipeline_probe_arithmetic_exact():
     HostOverhead(**{**HOST.model_dump(), **got})  # a valid pipeline section
 
 
+def test_pipeline_probe_sends_the_warm_message_first_and_leaves_it_out():
+    from emulator.calibrate.host import measure_pipeline_wake
+
+    sent: list[int] = []
+
+    class Group:  # one transfer per plan: 100 us line + 30 us, whatever the idle
+        def submit_replica_step(self, replica, work, slots, dilation, step_key):
+            sent.append(work.stages[0].pp_send_bytes)
+            return step_key
+
+        def collect(self, key):
+            slow = key == ("p2p-warm",)  # would show as a 1 s wake-up if it were counted
+            exit_ = 1.0 + 1e-4 + (1.0 if slow else 3e-5)
+            return [SimpleNamespace(coll_entry_s=np.array([1.0]), coll_exit_s=np.array([exit_]),
+                                    comp_start_s=np.array([0.0]), comp_end_s=np.array([1e-4]),
+                                    start_s=0.0, end_s=exit_) for _ in range(2)]
+
+    got = measure_pipeline_wake(Group(), lambda op, b: 1e-4, num_bytes=1000, grid_s=(0.0,),
+                                num_steps=3, warm_bytes=8_000_000)
+    assert sent[0] == 8_000_000 and set(sent[1:]) == {1000}
+    assert got["p2p_wake_s"] == pytest.approx([3e-5])
+    assert got["p2p_send_wake_s"] == pytest.approx([3e-5])
+    sent.clear()
+    measure_pipeline_wake(Group(), lambda op, b: 1e-4, num_bytes=1000, grid_s=(0.0,), num_steps=3)
+    assert set(sent) == {1000}  # no warm message unless asked for
+
+
 def test_pipeline_probe_with_a_template_measures_the_kv_write_apart_from_the_gaps():
     from emulator.calibrate.host import measure_pipeline_wake
     from emulator.core.work import StageWork, StepWork

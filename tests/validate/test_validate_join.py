@@ -207,10 +207,13 @@ def test_probe_plan_is_shaped_like_the_median_step(tmp_path):
                                    prompt_tokens=40, output_tokens=9, seed=0),
                        tmp_path / "b.arrow")
     config = build_config(trace=path, model="tiny", pp=2)
-    num_bytes, work = probe_plan(config)
+    num_bytes, work, largest = probe_plan(config)
     setup = build_run(config)
-    # two micro-batches of 3: the median step is a decode of 3 requests
-    assert num_bytes == 3 * setup.model.hidden_size * setup.model.dtype_bytes
+    # two micro-batches of 3: the median step is a decode of 3 requests, the largest the
+    # prefill of 3 prompts of 40 tokens
+    token_bytes = setup.model.hidden_size * setup.model.dtype_bytes
+    assert num_bytes == 3 * token_bytes
+    assert largest == 3 * 40 * token_bytes
     assert (work.num_tokens, work.num_sampled_tokens) == (3, 3)
     assert len(work.stages) == 2 and work.stages[0].pp_send_bytes == num_bytes
     assert work.stages[1].post_compute_s > 0 and work.stages[0].pre_compute_s > 0
