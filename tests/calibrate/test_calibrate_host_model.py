@@ -213,7 +213,7 @@ def test_pipeline_probe_arithmetic_exact():
     HostOverhead(**{**HOST.model_dump(), **got})  # a valid pipeline section
 
 
-def test_pipeline_probe_sends_the_warm_message_first_and_leaves_it_out():
+def test_pipeline_probe_sends_the_warm_message_first_only_when_asked():
     from emulator.calibrate.host import measure_pipeline_wake
 
     sent: list[int] = []
@@ -224,7 +224,7 @@ def test_pipeline_probe_sends_the_warm_message_first_and_leaves_it_out():
             return step_key
 
         def collect(self, key):
-            slow = key == ("p2p-warm",)  # would show as a 1 s wake-up if it were counted
+            slow = key == ("p2p-warm",)  # a 1 s transfer, collected before the grid starts
             exit_ = 1.0 + 1e-4 + (1.0 if slow else 3e-5)
             return [SimpleNamespace(coll_entry_s=np.array([1.0]), coll_exit_s=np.array([exit_]),
                                     comp_start_s=np.array([0.0]), comp_end_s=np.array([1e-4]),
