@@ -42,7 +42,7 @@ from typing import NamedTuple
 import numpy as np
 
 from emulator.core.work import StageWork, StepWork
-from emulator.cost.comm import HostOverhead
+from emulator.cost.comm import HostOverhead, P2PWakeCurves
 from emulator.runtime.delay import SPIN_S
 from emulator.runtime.records import COMPUTE_KINDS
 
@@ -269,7 +269,8 @@ def measure_pipeline_wake(group, line_s, num_bytes: int = PROBE_BYTES,
                           grid_s: tuple[float, ...] = P2P_IDLE_GRID_S, num_steps: int = 24,
                           template: StepWork | None = None, dilation: float = 1.0,
                           kv_row_elems: int = KV_PROBE_ROW_ELEMS,
-                          warm_bytes: int | None = None) -> dict[str, list[float]]:
+                          warm_bytes: int | None = None,
+                          sizes: tuple[int, ...] = ()) -> dict:
     """The pipeline fields of a HostOverhead (p2p_idle_grid_s, p2p_wake_s, p2p_send_wake_s,
     p2p_recv_idle_s, p2p_send_idle_s, delay_gap_s, p2p_stage_fixed_s, and with a template
     kv_write_s), measured the way an emulation runs its transfers:
@@ -294,41 +295,53 @@ def measure_pipeline_wake(group, line_s, num_bytes: int = PROBE_BYTES,
     goes first, so that the pipeline's sockets have carried a message that large, as a
     run's have by the time its decode transfers happen. On the development VM, after one
     8.4 MB message, sender-waited transfers of 128 KiB and more took 50-80 us longer than
-    on fresh sockets and smaller ones did not (docs/results-validation.md, repeat 15)."""
+    on fresh sockets and smaller ones did not (docs/results-validation.md, repeat 15).
+
+    ``sizes`` (more transfer sizes, e.g. a run's quartiles): each grid point is probed
+    with ``num_bytes`` and each of these in turn, a block of ``num_steps`` plans per size
+    (a run's transfer mostly follows one of its own size: its decode batches change
+    slowly), and the result also holds the curves of each size (``p2p_by_size``,
+    HostOverhead.p2p_by_size); the other fields are ``num_bytes``'s."""
     attn = COMPUTE_KINDS.index("attn")
-    line = line_s("send_recv", num_bytes)
+    sizes = tuple(sorted({num_bytes, *sizes}))
     slots = None
     if template is None:
         base_s = 2e-4  # the faster stage's delay
-        work_at = lambda d, sender_waits: pipeline_work(  # noqa: E731
-            (base_s, base_s + d) if sender_waits else (base_s + d, base_s), num_bytes)
+        work_at = lambda d, sender_waits, b: pipeline_work(  # noqa: E731
+            (base_s, base_s + d) if sender_waits else (base_s + d, base_s), b)
         dilation = 1.0
     else:
-        shape = pipeline_stages(template, dilation, num_bytes)
-        work_at = lambda d, sender_waits: with_idle(shape, dilation, d, sender_waits)  # noqa: E731
-        slots = kv_probe_slots(group, shape.num_tokens, kv_row_elems)
+        shapes = {b: pipeline_stages(template, dilation, b) for b in sizes}
+        work_at = lambda d, sender_waits, b: with_idle(  # noqa: E731
+            shapes[b], dilation, d, sender_waits)
+        slots = kv_probe_slots(group, template.num_tokens, kv_row_elems)
     if warm_bytes:
         group.collect(group.submit_replica_step(0, pipeline_work((2e-4, 2e-4), warm_bytes),
                                                 None, 1.0, step_key=("p2p-warm",)))
     warmup = 2     # plans whose transfers fall while the pipeline fills
-    wakes: dict[bool, list[float]] = {False: [], True: []}
-    idles: dict[bool, list[float]] = {False: [], True: []}
+    lines = {b: line_s("send_recv", b) for b in sizes}
+    # per (sender waited, size): per grid point, the median excess and idle time
+    wakes: dict[tuple[bool, int], list[float]] = {}
+    idles: dict[tuple[bool, int], list[float]] = {}
     gaps: list[float] = []  # per stage and plan: mean time between consecutive delays
     kv: list[float] = []  # per stage and plan: the KV write (with a template)
     fixed: dict[int, list[float]] = {0: [], 1: []}  # per stage: time outside the delays
     for sender_waits in (False, True):
         for d in grid_s:
-            work = work_at(d, sender_waits)
-            submit = lambda i: group.submit_replica_step(  # noqa: E731
-                0, work, slots, dilation, step_key=("p2p", sender_waits, d, i))
-            in_flight, excess, idle = submit(0), [], []
-            for i in range(1, warmup + num_steps + 1):
-                nxt = submit(i)  # two plans in flight while the older one is collected
-                recs = group.collect(in_flight)
-                in_flight = nxt
-                if i > warmup:  # one transfer per plan: (max exit - max entry) - line
+            for b in sizes:  # a block per size: a run's transfers mostly follow one of their size
+                work = work_at(d, sender_waits, b)
+                submit = lambda i: group.submit_replica_step(  # noqa: E731
+                    0, work, slots, dilation, step_key=("p2p", sender_waits, d, b, i))
+                in_flight, excess, idle = submit(0), [], []
+                for i in range(1, warmup + num_steps + 1):
+                    nxt = submit(i)  # two plans in flight while the older one is collected
+                    recs = group.collect(in_flight)
+                    in_flight = nxt
+                    if i <= warmup:
+                        continue
+                    # one transfer per plan: (max exit - max entry) - line
                     entry = [r.coll_entry_s[0] for r in recs]
-                    excess.append(max(r.coll_exit_s[0] for r in recs) - max(entry) - line)
+                    excess.append(max(r.coll_exit_s[0] for r in recs) - max(entry) - lines[b])
                     idle.append(max(entry) - min(entry))
                     for stage, r in enumerate(recs):
                         # the stage's begin (stage 0: its step's start; stage 1: its recv's
@@ -345,16 +358,20 @@ def measure_pipeline_wake(group, line_s, num_bytes: int = PROBE_BYTES,
                                 kv.append(write)
                         if g.size:
                             gaps.append(float(np.mean(g)))
-            group.collect(in_flight)
-            wakes[sender_waits].append(float(np.median(excess)))
-            idles[sender_waits].append(float(np.median(idle)))
-    out = {"p2p_idle_grid_s": list(grid_s), "p2p_wake_s": wakes[False],
-           "p2p_send_wake_s": wakes[True], "p2p_recv_idle_s": idles[False],
-           "p2p_send_idle_s": idles[True],
+                group.collect(in_flight)
+                wakes.setdefault((sender_waits, b), []).append(float(np.median(excess)))
+                idles.setdefault((sender_waits, b), []).append(float(np.median(idle)))
+    out = {"p2p_idle_grid_s": list(grid_s), "p2p_wake_s": wakes[False, num_bytes],
+           "p2p_send_wake_s": wakes[True, num_bytes], "p2p_recv_idle_s": idles[False, num_bytes],
+           "p2p_send_idle_s": idles[True, num_bytes],
            "delay_gap_s": max(0.0, float(np.median(gaps))) if gaps else 0.0,
            "p2p_stage_fixed_s": [max(0.0, float(np.median(fixed[s]))) for s in (0, 1)]}
     if kv:
         out["kv_write_s"] = max(0.0, float(np.median(kv)))
+    if len(sizes) > 1:
+        out["p2p_by_size"] = [P2PWakeCurves(
+            num_bytes=b, wake_s=wakes[False, b], send_wake_s=wakes[True, b],
+            recv_idle_s=idles[False, b], send_idle_s=idles[True, b]) for b in sizes]
     return out
 
 

@@ -24,7 +24,8 @@ def probe_host(world: int, profile: CommProfile, *, address: str | None = None,
                gap_model: tuple[str, str] = ("tiny", "h100"),
                pipeline_gap: bool = False, kv_rows: int | None = None,
                kv_row_elems: int | None = None,
-               pipeline_warm_bytes: int | None = None) -> HostProbe:
+               pipeline_warm_bytes: int | None = None,
+               pipeline_sizes: tuple[int, ...] = ()) -> HostProbe:
     """Start ``world`` workers (TP over all of them) and measure the host overheads against
     ``profile``'s lines, with the ranks waiting as an emulation in ``host_mode`` waits (the
     overheads differ a lot between modes), with messages of ``num_bytes`` (default
@@ -40,7 +41,9 @@ def probe_host(world: int, profile: CommProfile, *, address: str | None = None,
     the TP probe's. ``kv_rows``, ``kv_row_elems``: the KV rows a step of the run writes and
     their size (defaults KV_PROBE_ROWS, KV_PROBE_ROW_ELEMS); the pipeline probe writes its
     template's rows. ``pipeline_warm_bytes``: the run's largest transfer, which the pipeline
-    probe's sockets carry first (calibrate.host.measure_pipeline_wake's ``warm_bytes``)."""
+    probe's sockets carry first (calibrate.host.measure_pipeline_wake's ``warm_bytes``).
+    ``pipeline_sizes``: more transfer sizes the pipeline probe prices (its ``sizes``; 16
+    plans per grid point and size then, against 24 for one size)."""
     from emulator.calibrate.host import (KV_PROBE_ROW_ELEMS, KV_PROBE_ROWS, PROBE_BYTES,
                                          measure_host_overhead, measure_pipeline_gap,
                                          measure_pipeline_wake)
@@ -61,12 +64,14 @@ def probe_host(world: int, profile: CommProfile, *, address: str | None = None,
                                           kv_row_elems=kv_row_elems or KV_PROBE_ROW_ELEMS)
         if not any(e.op == "send_recv" for e in profile.entries):
             return probe
+        sizes = tuple(b for b in pipeline_sizes if b != (num_bytes or PROBE_BYTES))
         with WorkerGroup(ParallelLayout(pp=2), backend="gloo", timeout_s=timeout_s) as g:
             g.set_host_mode(host_mode)
             pipeline = measure_pipeline_wake(g, line_s, num_bytes=num_bytes or PROBE_BYTES,
                                              template=pipeline_template, dilation=dilation,
                                              kv_row_elems=kv_row_elems or KV_PROBE_ROW_ELEMS,
-                                             warm_bytes=pipeline_warm_bytes)
+                                             warm_bytes=pipeline_warm_bytes,
+                                             sizes=sizes, num_steps=16 if sizes else 24)
             if pipeline_gap:
                 pipeline["step_gap_s"], pipeline["step_gap_driver_s"] = \
                     measure_pipeline_gap(g, *gap_model, host_mode=host_mode)

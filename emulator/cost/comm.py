@@ -152,6 +152,27 @@ class CommEntry(BaseModel):
         return self
 
 
+class P2PWakeCurves(BaseModel):
+    """The pipeline wake-up curves of HostOverhead (its ``p2p_*`` fields) probed with
+    transfers of one size (HostOverhead.p2p_by_size), on HostOverhead.p2p_idle_grid_s."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    num_bytes: int = Field(ge=1, description="Bytes of the probe's transfers.")
+    wake_s: list[float] = Field(description="As HostOverhead.p2p_wake_s (receiver idled).")
+    send_wake_s: list[float] = Field(description="As HostOverhead.p2p_send_wake_s (sender "
+                                     "idled).")
+    recv_idle_s: list[float] = Field(description="As HostOverhead.p2p_recv_idle_s: the x of "
+                                     "wake_s.")
+    send_idle_s: list[float] = Field(description="As HostOverhead.p2p_send_idle_s: the x of "
+                                     "send_wake_s.")
+
+    def wake(self, idle_s: np.ndarray, sender_waited: np.ndarray | bool) -> np.ndarray:
+        return np.where(sender_waited, _interp_measured(idle_s, self.send_idle_s,
+                                                        self.send_wake_s),
+                        _interp_measured(idle_s, self.recv_idle_s, self.wake_s))
+
+
 class HostOverhead(BaseModel):
     """Costs of the emulator's host beyond compute delays and collective transfers (host
     seconds; measured by ``emulator calibrate``'s probe steps, see calibrate/host.py).
@@ -247,6 +268,14 @@ class HostOverhead(BaseModel):
         "instead of step_fixed_s for the stages of a pipeline without TP (a receiving stage "
         "starts when its activations arrive, so its step's prologue is hidden in the wait). "
         "None: step_fixed_s.")
+    p2p_by_size: list[P2PWakeCurves] | None = Field(
+        default=None, description="The pipeline wake-up curves per transfer size (ascending "
+        "num_bytes, same grid), probed with the sizes interleaved. A transfer of known size is "
+        "priced by interpolating them linearly in bytes (flat outside), the other p2p_* "
+        "curves being the ones at the run's median step's size. On the development VM, "
+        "sender-waited transfers of 128 KiB and more cost 50-80 us more after ~16 ms idle than "
+        "smaller ones, once the sockets had carried a prefill (docs/results-validation.md, "
+        "repeats 15-16). None: one size for all.")
 
     @model_validator(mode="after")
     def _grid(self) -> HostOverhead:
@@ -270,6 +299,17 @@ class HostOverhead(BaseModel):
             if xs is not None and (self.p2p_idle_grid_s is None
                                    or len(xs) != len(self.p2p_idle_grid_s)):
                 raise ValueError(f"{name} needs one value per p2p_idle_grid_s point")
+        if self.p2p_by_size is not None:
+            sizes = [c.num_bytes for c in self.p2p_by_size]
+            if self.p2p_idle_grid_s is None or not sizes:
+                raise ValueError("p2p_by_size needs p2p_idle_grid_s and at least one size")
+            if any(b <= a for a, b in zip(sizes, sizes[1:])):
+                raise ValueError("p2p_by_size must be strictly ascending in num_bytes")
+            n = len(self.p2p_idle_grid_s)
+            if any(len(v) != n for c in self.p2p_by_size for v in (
+                    c.wake_s, c.send_wake_s, c.recv_idle_s, c.send_idle_s)):
+                raise ValueError("p2p_by_size's curves need one value per p2p_idle_grid_s "
+                                 "point")
         for name in ("delay_grid_s", "p2p_idle_grid_s"):
             grid = getattr(self, name) or []
             if any(b <= a for a, b in zip(grid, grid[1:])):
@@ -287,10 +327,23 @@ class HostOverhead(BaseModel):
     def wake(self, delay_s: np.ndarray) -> np.ndarray:
         return np.interp(delay_s, self.delay_grid_s, self.wake_s)
 
-    def p2p_wake(self, idle_s: np.ndarray, sender_waited: np.ndarray | bool = False
-                 ) -> np.ndarray:
+    def p2p_wake(self, idle_s: np.ndarray, sender_waited: np.ndarray | bool = False,
+                 num_bytes: np.ndarray | float | None = None) -> np.ndarray:
         """Extra time of a send/recv after its first-arriving side idled ``idle_s`` in the op
-        (the receiver, or with ``sender_waited`` the sender)."""
+        (the receiver, or with ``sender_waited`` the sender); with ``num_bytes`` (the
+        transfer's size) and ``p2p_by_size``, interpolated between the sizes probed."""
+        if self.p2p_by_size is not None and num_bytes is not None:
+            idle, waited, size = np.broadcast_arrays(
+                np.asarray(idle_s, dtype=np.float64), np.asarray(sender_waited, dtype=bool),
+                np.asarray(num_bytes, dtype=np.float64))
+            per = np.stack([c.wake(idle, waited) for c in self.p2p_by_size])  # [sizes, ...]
+            sizes = np.array([c.num_bytes for c in self.p2p_by_size], dtype=np.float64)
+            if sizes.size == 1:
+                return per[0]
+            hi = np.clip(np.searchsorted(sizes, size), 1, sizes.size - 1)
+            w = np.clip((size - sizes[hi - 1]) / (sizes[hi] - sizes[hi - 1]), 0.0, 1.0)
+            at = lambda k: np.take_along_axis(per, k[None], axis=0)[0]  # noqa: E731
+            return at(hi - 1) * (1.0 - w) + at(hi) * w
         if self.p2p_wake_s is None:
             return self.wake(idle_s)
         recv = _interp_measured(idle_s, self.p2p_recv_idle_s or self.p2p_idle_grid_s,
@@ -304,14 +357,21 @@ class HostOverhead(BaseModel):
     def averaged(self, other: HostOverhead) -> HostOverhead:
         """The mean of two probes of the same grids (every time field, element by element):
         the host between them, e.g. during a run probed before and after."""
+        sizes = lambda h: h.p2p_by_size and [c.num_bytes for c in h.p2p_by_size]  # noqa: E731
         if (self.delay_grid_s != other.delay_grid_s
                 or self.p2p_idle_grid_s != other.p2p_idle_grid_s
-                or self.num_ranks != other.num_ranks):
-            raise ValueError("averaged needs two probes of the same grids and world size")
+                or self.num_ranks != other.num_ranks or sizes(self) != sizes(other)):
+            raise ValueError("averaged needs two probes of the same grids, sizes and world "
+                             "size")
         mine, theirs = self.model_dump(), other.model_dump()
         update: dict = {}
+        if self.p2p_by_size is not None:
+            update["p2p_by_size"] = [c.model_copy(update={
+                k: [(a + b) / 2 for a, b in zip(getattr(c, k), getattr(d, k))]
+                for k in _CURVE_TIMES}) for c, d in zip(self.p2p_by_size, other.p2p_by_size)]
         for k, v in mine.items():
-            if k in ("num_ranks", "delay_grid_s", "p2p_idle_grid_s") or v is None:
+            if k in ("num_ranks", "delay_grid_s", "p2p_idle_grid_s", "p2p_by_size") \
+                    or v is None:
                 continue
             w = theirs[k]
             if w is None:
@@ -331,7 +391,15 @@ class HostOverhead(BaseModel):
                   "p2p_send_idle_s", "p2p_stage_fixed_s"):
             if getattr(self, k) is not None:
                 update[k] = [v * factor for v in getattr(self, k)]
+        if self.p2p_by_size is not None:  # times scaled; the sizes are bytes
+            update["p2p_by_size"] = [c.model_copy(update={
+                k: [v * factor for v in getattr(c, k)] for k in _CURVE_TIMES})
+                for c in self.p2p_by_size]
         return self.model_copy(update=update)
+
+
+_CURVE_TIMES = ("wake_s", "send_wake_s", "recv_idle_s", "send_idle_s")
+"""P2PWakeCurves' time fields (HostOverhead.averaged and scaled)."""
 
 
 def _interp_measured(x: np.ndarray, xp: list[float], fp: list[float]) -> np.ndarray:

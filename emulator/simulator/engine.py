@@ -182,6 +182,7 @@ class CostModelExecutor:
         work = self.cost.step_work(plan, prompt_tokens=req.prompt_tokens[idx] + req.num_output_tokens[idx])
         compute, comm, p2p = self.cost.stage_times(work, plan.replica)
         pp = compute.size
+        send_bytes = work.stages[0].pp_send_bytes if pp > 1 else 0
         gap, over = (0.0, np.zeros(pp)) if self.host is None else self._host_terms(work, pp)
         # A plan formed at `now` reaches the ranks one round trip later; if stage 0 is still
         # busy then, it waits in the actor's queue (the engine's start_s = max(now, free)).
@@ -208,7 +209,7 @@ class CostModelExecutor:
                 # Waking the side that idled in the op costs what the probe measured.
                 sender_waited = free[s + 1] > done
                 xfer = max(0.0, xfer + float(self.host.p2p_wake(
-                    meet - min(done, free[s + 1]), sender_waited)))
+                    meet - min(done, free[s + 1]), sender_waited, send_bytes)))
             stage_end[s] = begin = meet + xfer
         by_axis = {"tp": float(comm.sum())} if self.cost.tp > 1 else {}
         if pp > 1:

@@ -176,7 +176,7 @@ def _predicted(inst: dict[str, np.ndarray], profile: CommProfile
         return line, np.zeros_like(line)
     p2p = inst["op"] == "send_recv"
     sender_waited = inst.get("sender_waited", np.zeros(p2p.size, bool))
-    return line, np.where(p2p, profile.host.p2p_wake(delay_s, sender_waited),
+    return line, np.where(p2p, profile.host.p2p_wake(delay_s, sender_waited, inst["bytes"]),
                           profile.host.wake(delay_s))
 
 

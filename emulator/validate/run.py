@@ -85,6 +85,10 @@ class ProbePlan(NamedTuple):
     """The activations of the run's largest step (its prefill's, usually): what the
     pipeline probe's sockets carry first (calibrate.host.measure_pipeline_wake's
     ``warm_bytes``)."""
+    quartile_bytes: tuple[int, ...]
+    """The activations of the run's steps at the lower quartile, median and upper quartile
+    by tokens (distinct, ascending): the sizes the pipeline probe prices its transfers at
+    (calibrate.host.measure_pipeline_wake's ``sizes``)."""
 
 
 def probe_plan(config: RunConfig) -> ProbePlan:
@@ -94,12 +98,15 @@ def probe_plan(config: RunConfig) -> ProbePlan:
     setup = build_run(config)
     steps = simulate(setup).steps
     if not steps.num_rows:
-        return ProbePlan(PROBE_BYTES, None, PROBE_BYTES)
+        return ProbePlan(PROBE_BYTES, None, PROBE_BYTES, (PROBE_BYTES,))
     prefill = steps["num_prefill_tokens"].to_numpy()
     decode = steps["num_decode_tokens"].to_numpy()
     tokens = prefill + decode
-    row = int(np.argsort(tokens, kind="stable")[(tokens.size - 1) // 2])  # (lower) median
+    order = np.argsort(tokens, kind="stable")
+    row = int(order[(tokens.size - 1) // 2])  # (lower) median
     token_bytes = setup.model.hidden_size * setup.model.dtype_bytes
+    quartiles = tuple(sorted({max(1, int(tokens[order[(tokens.size - 1) * q // 4]]))
+                              * token_bytes for q in (1, 2, 3)}))
     num_bytes = max(1, int(tokens[row])) * token_bytes
     p, d = int(prefill[row]), int(decode[row])
     held = int(steps["kv_blocks_used"].to_numpy()[row]) * config.block_size
@@ -110,7 +117,8 @@ def probe_plan(config: RunConfig) -> ProbePlan:
                      request_index=np.arange(new.size, dtype=np.int64), num_new_tokens=new,
                      num_context_tokens=np.array([ctx] * d + ([0] if p else []), dtype=np.int64),
                      is_prefill=np.array([False] * d + ([True] if p else []), dtype=bool))
-    return ProbePlan(num_bytes, setup.cost.step_work(plan), max(1, int(tokens.max())) * token_bytes)
+    return ProbePlan(num_bytes, setup.cost.step_work(plan), max(1, int(tokens.max())) * token_bytes,
+                     quartiles)
 
 
 def gather_bytes(config: RunConfig, template: StepWork | None) -> int | None:
@@ -275,8 +283,8 @@ def validate(config: RunConfig, outdir: Path, *, host_probe: bool = True,
     profile = host_profile(config)
     outdir = Path(outdir)
     probes: list[HostProbe] = []
-    num_bytes, template, largest = (probe_plan(config) if host_probe or thermometer
-                                    else (0, None, None))
+    num_bytes, template, largest, quartiles = (probe_plan(config) if host_probe or thermometer
+                                               else (0, None, None, ()))
     if thermometer and config.tp > 1:
         config = config.model_copy(update={"thermometer_bytes": num_bytes})
     gather = gather_bytes(config, template)
@@ -301,7 +309,9 @@ def validate(config: RunConfig, outdir: Path, *, host_probe: bool = True,
                                  pipeline_gap=config.pp > 1,
                                  kv_rows=template.num_tokens if template is not None else None,
                                  kv_row_elems=row_elems,
-                                 pipeline_warm_bytes=largest if pipelined else None))
+                                 pipeline_warm_bytes=largest if pipelined else None,
+                                 # the run's transfers by size (a TP-only run has none)
+                                 pipeline_sizes=quartiles if config.pp > 1 else ()))
 
     if host_probe:
         probe()

@@ -188,7 +188,7 @@ def test_pipeline_probe_arithmetic_exact():
             return step_key
 
         def collect(self, key):
-            _, sender_waits, d, _ = key
+            _, sender_waits, d, _, _ = key
             # the side that waits enters d + 0.5 ms (the step boundary) before the other;
             # the transfer ends 100 us (line) + 20 or 50 us (wake) after the last entry
             first, last = 1.0, 1.0 + d + 5e-4
@@ -238,6 +238,83 @@ def test_pipeline_probe_sends_the_warm_message_first_only_when_asked():
     sent.clear()
     measure_pipeline_wake(Group(), lambda op, b: 1e-4, num_bytes=1000, grid_s=(0.0,), num_steps=3)
     assert set(sent) == {1000}  # no warm message unless asked for
+
+
+def test_pipeline_probe_prices_each_size_in_blocks():
+    from emulator.calibrate.host import measure_pipeline_wake
+
+    sent: list[int] = []
+
+    class Group:  # wake-up 20 us + 1 us per KiB (receiver), twice that (sender)
+        def submit_replica_step(self, replica, work, slots, dilation, step_key):
+            sent.append(work.stages[0].pp_send_bytes)
+            assert step_key[3] == work.stages[0].pp_send_bytes
+            return step_key
+
+        def collect(self, key):
+            _, sender_waits, d, num_bytes, _ = key
+            first, last = 1.0, 1.0 + d + num_bytes * 1e-9  # idle: d + 1 ns per byte
+            wake = (2e-5 + num_bytes / 1024 * 1e-6) * (2 if sender_waits else 1)
+            exit_ = last + num_bytes * 1e-8 + wake  # line: 10 ns per byte
+            return [SimpleNamespace(
+                coll_entry_s=np.array([first if (rank == 0) == sender_waits else last]),
+                coll_exit_s=np.array([exit_]), comp_start_s=np.array([0.0]),
+                comp_end_s=np.array([1e-4]), start_s=0.0, end_s=exit_) for rank in (0, 1)]
+
+    grid = (0.0, 1e-2)
+    got = measure_pipeline_wake(Group(), lambda op, b: b * 1e-8, num_bytes=2048, grid_s=grid,
+                                num_steps=3, sizes=(4096, 1024, 2048))
+    # per grid point and size, ascending: 2 warm-up plans, 3 measured, 1 in flight at the end
+    assert sent == [b for _ in range(2 * len(grid)) for b in (1024, 2048, 4096) for _ in range(6)]
+    assert [c.num_bytes for c in got["p2p_by_size"]] == [1024, 2048, 4096]
+    for c in got["p2p_by_size"]:
+        k = c.num_bytes / 1024
+        assert c.wake_s == pytest.approx([2e-5 + k * 1e-6] * 2)
+        assert c.send_wake_s == pytest.approx([4e-5 + 2 * k * 1e-6] * 2)
+        assert c.recv_idle_s == pytest.approx([d + c.num_bytes * 1e-9 for d in grid])
+    # the top-level curves are num_bytes'
+    assert got["p2p_wake_s"] == pytest.approx([2.2e-5] * 2)
+    assert got["p2p_send_idle_s"] == pytest.approx([d + 2048e-9 for d in grid])
+    host = HostOverhead(**{**HOST.model_dump(), **got})
+    assert host.p2p_wake(0.0, True, 3072) == pytest.approx(4e-5 + 6e-6)  # between sizes
+    # one size: no per-size curves
+    assert "p2p_by_size" not in measure_pipeline_wake(
+        Group(), lambda op, b: b * 1e-8, num_bytes=2048, grid_s=grid, num_steps=3,
+        sizes=(2048,))
+
+
+def test_pipeline_wake_up_interpolated_by_transfer_size():
+    from emulator.cost.comm import P2PWakeCurves
+
+    def curves(num_bytes, recv, send):
+        return P2PWakeCurves(num_bytes=num_bytes, wake_s=[0.0, recv], send_wake_s=[0.0, send],
+                             recv_idle_s=[0.0, 10.0], send_idle_s=[0.0, 10.0])
+    host = HOST.model_copy(update={
+        "p2p_idle_grid_s": [0.0, 10.0], "p2p_wake_s": [0.0, 1.0], "p2p_send_wake_s": [0.0, 1.0],
+        "p2p_by_size": [curves(1000, 1.0, 2.0), curves(2000, 3.0, 6.0)]})
+    idle, waited = np.array([10.0, 10.0, 5.0, 10.0, 10.0]), np.array([0, 1, 1, 0, 1], bool)
+    size = np.array([1000, 1500, 2000, 500, 9000])
+    # flat outside the sizes probed, linear in bytes between them
+    assert host.p2p_wake(idle, waited, size) == pytest.approx([1.0, 4.0, 3.0, 1.0, 6.0])
+    assert host.p2p_wake(10.0, False) == pytest.approx(1.0)  # size unknown: the main curve
+    half = host.scaled(0.5)  # times scaled, bytes not
+    assert [c.num_bytes for c in half.p2p_by_size] == [1000, 2000]
+    assert half.p2p_wake(5.0, True, 1500) == pytest.approx(2.0)
+    other = host.model_copy(update={"p2p_by_size": [curves(1000, 3.0, 2.0),
+                                                    curves(2000, 3.0, 6.0)]})
+    assert host.averaged(other).p2p_by_size[0].wake_s == pytest.approx([0.0, 2.0])
+    with pytest.raises(ValueError, match="same grids, sizes"):
+        host.averaged(other.model_copy(update={"p2p_by_size": [curves(1000, 1.0, 1.0)]}))
+    with pytest.raises(ValueError, match="strictly ascending in num_bytes"):
+        HostOverhead(**{**host.model_dump(), "p2p_by_size": [
+            curves(2000, 1, 1).model_dump(), curves(1000, 1, 1).model_dump()]})
+    with pytest.raises(ValueError, match="one value per p2p_idle_grid_s"):
+        HostOverhead(**{**host.model_dump(), "p2p_by_size": [
+            {**curves(1000, 1, 1).model_dump(), "wake_s": [0.0]}]})
+    with pytest.raises(ValueError, match="needs p2p_idle_grid_s"):
+        HostOverhead(**{**HOST.model_dump(), "p2p_by_size": [curves(1000, 1, 1).model_dump()]})
+    # the profile file keeps them
+    assert HostOverhead.model_validate_json(host.model_dump_json()) == host
 
 
 def test_pipeline_probe_with_a_template_measures_the_kv_write_apart_from_the_gaps():

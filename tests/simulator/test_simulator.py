@@ -127,10 +127,12 @@ def test_pipeline_with_ample_kv_keeps_every_micro_batch_in_flight(tmp_path):
     assert sim.num_events == sim._seq + 16 > 200  # heap events (>= 1 per plan) + arrivals
 
 
-def _two_stage_executor(host=None):
+def _two_stage_executor(host=None, send_bytes=1000):
     """An executor whose cost model prices every plan at compute [1, 2] + comm [0.1, 0.2]
-    per stage and a 0.5 s stage-to-stage transfer."""
-    cost = SimpleNamespace(tp=1, ep=1, step_work=lambda plan, prompt_tokens: None,
+    per stage and a 0.5 s stage-to-stage transfer of ``send_bytes``."""
+    work = SimpleNamespace(stages=[SimpleNamespace(pp_send_bytes=send_bytes),
+                                   SimpleNamespace(pp_send_bytes=0)])
+    cost = SimpleNamespace(tp=1, ep=1, step_work=lambda plan, prompt_tokens: work,
                            stage_times=lambda work, replica: (np.array([1.0, 2.0]),
                                                               np.array([0.1, 0.2]), 0.5))
     req = SimpleNamespace(prompt_tokens=np.array([10]), num_output_tokens=np.array([0]))
@@ -176,3 +178,22 @@ def test_pipeline_wake_up_is_paid_by_the_side_that_idled():
     assert r.stage_end_s[0] == pytest.approx(1.2 + 0.5 - 0.2 - 0.018)
     r = ex.execute(plan, 0.0, np.array([0.0, 5.0]))  # idles 3.9 s: wake -0.902, clamped
     assert r.stage_end_s[0] == pytest.approx(5.0)
+
+
+def test_pipeline_wake_up_is_priced_at_the_transfers_size():
+    from emulator.cost.comm import HostOverhead, P2PWakeCurves
+
+    def curves(num_bytes, send):
+        return P2PWakeCurves(num_bytes=num_bytes, wake_s=[0.0, 0.0], send_wake_s=[0.0, send],
+                             recv_idle_s=[0.0, 10.0], send_idle_s=[0.0, 10.0])
+    host = HostOverhead(num_ranks=2, step_gap_s=0.0, step_fixed_s=0.0, delay_grid_s=[0.0],
+                        delay_excess_s=[0.0], collective_excess_s=[0.0], wake_s=[0.0],
+                        p2p_idle_grid_s=[0.0, 10.0], p2p_wake_s=[0.0, 0.0],
+                        p2p_send_wake_s=[0.0, 5.0],
+                        p2p_by_size=[curves(1000, 1.0), curves(3000, 3.0)])
+    # Stage 1 busy until 5: stage 0's send idles 3.9 s; its wake-up at 2000 bytes is
+    # halfway between the two sizes' curves (0.39 and 1.17), not the main curve's (1.95).
+    for send_bytes, wake in ((1000, 0.39), (2000, 0.78), (3000, 1.17), (9000, 1.17)):
+        ex, plan = _two_stage_executor(host, send_bytes=send_bytes)
+        r = ex.execute(plan, 0.0, np.array([0.0, 5.0]))
+        assert r.stage_end_s[0] == pytest.approx(5.0 + wake + 0.5)

@@ -207,13 +207,38 @@ def test_probe_plan_is_shaped_like_the_median_step(tmp_path):
                                    prompt_tokens=40, output_tokens=9, seed=0),
                        tmp_path / "b.arrow")
     config = build_config(trace=path, model="tiny", pp=2)
-    num_bytes, work, largest = probe_plan(config)
+    num_bytes, work, largest, quartiles = probe_plan(config)
     setup = build_run(config)
     # two micro-batches of 3: the median step is a decode of 3 requests, the largest the
     # prefill of 3 prompts of 40 tokens
     token_bytes = setup.model.hidden_size * setup.model.dtype_bytes
     assert num_bytes == 3 * token_bytes
     assert largest == 3 * 40 * token_bytes
+    assert quartiles == (num_bytes,)  # decodes of 3 at both quartiles too
     assert (work.num_tokens, work.num_sampled_tokens) == (3, 3)
     assert len(work.stages) == 2 and work.stages[0].pp_send_bytes == num_bytes
     assert work.stages[1].post_compute_s > 0 and work.stages[0].pre_compute_s > 0
+
+
+def test_probe_plan_quartiles_are_the_sizes_of_the_runs_transfers(tmp_path):
+    from emulator.build import build_run
+    from emulator.config import build_config
+    from emulator.simulator.run import simulate
+    from emulator.trace.io import write_trace
+    from emulator.trace.synth import synth_trace
+    from emulator.validate.run import probe_plan
+
+    path = write_trace(synth_trace(num_requests=4, lengths="uniform", arrival="batch",
+                                   prompt_tokens=(40, 40), output_tokens=(2, 12), seed=0),
+                       tmp_path / "b.arrow")
+    config = build_config(trace=path, model="tiny", pp=2)
+    setup = build_run(config)
+    steps = simulate(setup).steps
+    tokens = steps["num_prefill_tokens"].to_numpy() + steps["num_decode_tokens"].to_numpy()
+    # two micro-batches of 2, their requests finishing at different steps: per stage row,
+    # 10 decodes of 1, 20 of 2 and 4 prefills of 80 tokens
+    assert sorted(tokens.tolist()) == [1] * 10 + [2] * 20 + [80] * 4
+    token_bytes = setup.model.hidden_size * setup.model.dtype_bytes
+    plan = probe_plan(config)
+    assert plan.quartile_bytes == (token_bytes, 2 * token_bytes)  # lower quartile, median
+    assert plan.num_bytes == 2 * token_bytes and plan.largest_bytes == 80 * token_bytes
