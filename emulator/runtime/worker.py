@@ -12,8 +12,9 @@ One step on one rank (``run_step``), with ``d = dilation``:
   stage > 0: recv activations from the previous stage (same TP index)
   stage 0:   sleep pre_compute_s*d; all-reduce embed_allreduce_bytes over TP (if tp > 1)
   per layer: sleep attn_compute_s*d; [first layer: write this step's KV rows];
-             all-reduce tp_allreduce_bytes [first layer: and work.probe_bytes right after,
-             validate's thermometer]; sleep mlp_compute_s*d; all-reduce again
+             all-reduce tp_allreduce_bytes [the stage's middle layer (index n // 2 of n):
+             and work.probe_bytes right after, validate's thermometer]; sleep
+             mlp_compute_s*d; all-reduce again
   EP layer:  (work.ep_layers) the MLP part becomes: route the step's tokens (core.routing,
              the same seeded gating everywhere); sleep (mlp - expert)*d for router and
              shared experts; all_to_all dispatch with the routing's uneven splits; sleep
@@ -308,6 +309,9 @@ class Worker:
                 self._compute(pre, NO_LAYER, work.pre_compute_s * dilation)
                 if work.embed_allreduce_bytes:
                     coll.all_reduce("tp", work.embed_allreduce_bytes, NO_LAYER)
+            # The thermometer mid-stage: a step's first collectives run slower than its
+            # middle ones by tens of us to ~150 us (docs/results-validation.md, repeat 16).
+            probe_at = work.layer_ids.size // 2 if work.probe_bytes else -1
             for i, layer in enumerate(work.layer_ids.tolist()):
                 self._compute(attn, layer, float(work.attn_compute_s[i]) * dilation)
                 if i == 0 and slot_ids is not None:
@@ -316,7 +320,7 @@ class Worker:
                     coll.ready_s = self._now()  # the write is real work, not bookkeeping
                 if work.tp_allreduce_bytes:
                     coll.all_reduce("tp", work.tp_allreduce_bytes, layer)
-                    if i == 0 and work.probe_bytes:
+                    if i == probe_at:
                         coll.all_reduce("tp", work.probe_bytes, PROBE_LAYER)
                 if work.ep_layers is not None and work.ep_layers[i]:
                     self._expert_layer(step_key, work, i, layer, num_tokens, dilation)

@@ -241,8 +241,10 @@ def validate(config: RunConfig, outdir: Path, *, host_probe: bool = True,
     simulate/, and simulate-thermometer/ when re-priced), ``validation.json`` and
     ``validation.png``; return the report.
 
-    ``host_probe``: re-measure the host overheads (calibrate/host.py, ~15 s each) right
-    before and right after the emulation, with messages of the run's size (probe_bytes),
+    ``host_probe``: re-measure the host overheads (calibrate/host.py; ~15 s each at TP=2,
+    ~75 s at PP=2 dilation 50, whose pipeline probe runs the run's stages at three
+    transfer sizes) right before and right after the emulation, with messages of the run's
+    size (probe_bytes; the pipeline's at its quartile sizes too, ProbePlan.quartile_bytes),
     and price with their mean instead of the profile's: on a shared host they follow the
     machine's load, which drifts between `calibrate` and `validate` and during the run (on
     the development VM a collective's median moved 2x over tens of seconds, in raw
@@ -253,8 +255,8 @@ def validate(config: RunConfig, outdir: Path, *, host_probe: bool = True,
     speed of MB-sized messages drifts apart from that of the run's activations.
 
     ``thermometer`` (with tp > 1): every stage of every step of the emulation also runs one
-    all-reduce of the probe size over TP right after its first one (RunConfig.
-    thermometer_bytes), which the simulator prices too. The host's collective speed switches
+    all-reduce of the probe size over TP right after its middle layer's first one
+    (RunConfig.thermometer_bytes), which the simulator prices too. The host's collective speed switches
     between levels for tens of seconds at a time on a shared VM (benchmarks/
     bench_host_drift.py), so a profile measured at another time is off by as much; the probes
     measure it during the run, apart from the collectives validated. The report is then
