@@ -44,7 +44,7 @@ import numpy as np
 from emulator.core.work import StageWork, StepWork
 from emulator.cost.comm import HostOverhead, P2PWakeCurves
 from emulator.runtime.delay import SPIN_S
-from emulator.runtime.records import COMPUTE_KINDS
+from emulator.runtime.records import COMPUTE_KINDS, PROBE_LAYER
 
 # precise_sleep only spins below SPIN_S and sleeps (yields the core) above it: on a busy
 # host the overheads jump there, so the grid brackets it closely.
@@ -95,13 +95,17 @@ def kv_write_excess(gaps: np.ndarray, index: int) -> tuple[float | None, np.ndar
 
 
 def probe_work(num_layers: int, delay_s: float, num_bytes: int,
-               gather_bytes: int | None = None, num_tokens: int = 1) -> StepWork:
+               gather_bytes: int | None = None, num_tokens: int = 1,
+               thermometer: bool = False) -> StepWork:
+    """A TP probe step: every delay ``delay_s``, every all-reduce ``num_bytes``; with
+    ``thermometer`` also validate's thermometer all-reduce (mid-stage, back to back)."""
     layers = np.arange(num_layers, dtype=np.int64)
     stage = StageWork(stage=0, layer_ids=layers, attn_compute_s=np.full(num_layers, delay_s),
                       mlp_compute_s=np.full(num_layers, delay_s),
                       tp_allreduce_bytes=num_bytes, pre_compute_s=delay_s,
                       embed_allreduce_bytes=num_bytes, post_compute_s=delay_s,
-                      logits_gather_bytes=num_bytes if gather_bytes is None else gather_bytes)
+                      logits_gather_bytes=num_bytes if gather_bytes is None else gather_bytes,
+                      probe_bytes=num_bytes if thermometer else 0)
     return StepWork(stages=[stage], num_tokens=num_tokens, num_sampled_tokens=1)
 
 
@@ -116,6 +120,16 @@ def _segments(recs, delay_s: float, line_s: np.ndarray):
     transfer = exit_.max(axis=0) - entry.max(axis=0) - line_s
     sleep = np.stack([x.comp_end_s - x.comp_start_s for x in recs]) - delay_s
     return seg, crit, transfer, sleep
+
+
+def _without_thermometer(parts, coll_layer: np.ndarray):
+    """(:func:`_segments`' output without the thermometer call and the segment into it,
+    the thermometer's transfer - line). The segment after it (its exit to the next entry,
+    a delay apart) stands for the one it interrupted."""
+    seg, crit, transfer, sleep = parts
+    k = int(np.flatnonzero(np.asarray(coll_layer) == PROBE_LAYER)[0])
+    return (np.delete(seg, k - 1, axis=1), np.delete(crit, k - 1), np.delete(transfer, k),
+            sleep), float(transfer[k])
 
 
 class HostProbe(NamedTuple):
@@ -154,23 +168,29 @@ def measure_host_overhead(group, line_s, *, num_steps: int = 16,
     is kept out of the per-collective terms."""
     n = group.world_size
     gather = num_bytes if gather_bytes is None else gather_bytes
-    # The probe program: embed all-reduce, 2 per layer, logits all-gather (output n x bytes).
-    lines = np.array([line_s("all_reduce", num_bytes)] * (2 * GRID_LAYERS + 1)
+    # The probe program: embed all-reduce, 2 per layer, logits all-gather (output n x bytes),
+    # and validate's thermometer after the middle layer's first all-reduce, measured on its
+    # own and kept out of the rest (:func:`_without_thermometer`).
+    lines = np.array([line_s("all_reduce", num_bytes)] * (2 * GRID_LAYERS + 2)
                      + [line_s("all_gather", gather * n)])
     # Round-robin over the grid, one step at a time, so a burst of load from elsewhere on
     # the host spreads over all delay lengths instead of skewing one; per grid point, the
     # median over steps of each step's mean (robust to a burst, unlike a pooled mean).
-    work = {d: probe_work(GRID_LAYERS, d, num_bytes, gather, num_tokens=kv_rows)
-            for d in grid_s}
+    work = {d: probe_work(GRID_LAYERS, d, num_bytes, gather, num_tokens=kv_rows,
+                          thermometer=True) for d in grid_s}
     slots = kv_probe_slots(group, kv_rows, kv_row_elems)
     parts: dict[float, list] = {d: [] for d in grid_s}
+    therm: dict[float, list[float]] = {d: [] for d in grid_s}
     fixed = []
     for i in range(num_steps + 1):
         for d in grid_s:
             recs = group.run_replica_step(0, work[d], slots, 1.0, step_key=("probe", d, i))
             if i == 0:
                 continue  # warm-up
-            parts[d].append(_segments(recs, d, lines))
+            part, therm_excess = _without_thermometer(_segments(recs, d, lines),
+                                                      recs[0].coll_layer)
+            parts[d].append(part)
+            therm[d].append(therm_excess)
             # Outside the segments: from the step's start to entering the first collective
             # (less the embedding delay), and from leaving the last one to the step's end.
             fixed += [(x.coll_entry_s[0] - x.start_s - d) + (x.end_s - x.coll_exit_s[-1])
@@ -200,7 +220,8 @@ def measure_host_overhead(group, line_s, *, num_steps: int = 16,
                         kv_write_s=max(0.0, float(np.median(kv))),
                         collective_call_s=max(0.0, float(np.median(call))),
                         delay_grid_s=list(grid_s), delay_excess_s=delay_excess,
-                        collective_excess_s=coll_excess, wake_s=wake)
+                        collective_excess_s=coll_excess, wake_s=wake,
+                        thermometer_wake_s=[float(np.median(therm[d])) for d in grid_s])
     factors = ({} if gather_bytes is None else
                {"all_gather": max(0.01, float(np.median(gathered)) / float(lines[-1]))})
     return HostProbe(host, factors)

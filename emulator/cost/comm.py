@@ -240,6 +240,12 @@ class HostOverhead(BaseModel):
     wake_s: list[float] = Field(
         description="Per grid point: the part of collective_excess_s inside the transfer "
         "(max exit - max entry) itself; the rest is straggler sync-wait.")
+    thermometer_wake_s: list[float] | None = Field(
+        default=None, description="Per grid point: the part inside the transfer of the "
+        "excess of validate's thermometer (an all-reduce back to back after a group "
+        "collective that followed a delay of that length, mid-step; StageWork.probe_bytes). "
+        "In the probes it took tens of us more than the back-to-back calls of wake_s[0] "
+        "(docs/results-validation.md, repeat 16). None: wake_s at 0.")
     p2p_idle_grid_s: list[float] | None = Field(
         default=None, description="Receiver idle times probed for p2p_wake_s, ascending (a "
         "pipeline stage can wait a whole stage, longer than any compute delay).")
@@ -284,6 +290,8 @@ class HostOverhead(BaseModel):
                                      self.wake_s)):
             raise ValueError("delay_excess_s, collective_excess_s and wake_s need one value "
                              "per delay_grid_s point")
+        if self.thermometer_wake_s is not None and len(self.thermometer_wake_s) != n:
+            raise ValueError("thermometer_wake_s needs one value per delay_grid_s point")
         if (self.p2p_wake_s is None) != (self.p2p_idle_grid_s is None) or (
                 self.p2p_wake_s is not None
                 and len(self.p2p_wake_s) != len(self.p2p_idle_grid_s)):
@@ -326,6 +334,13 @@ class HostOverhead(BaseModel):
 
     def wake(self, delay_s: np.ndarray) -> np.ndarray:
         return np.interp(delay_s, self.delay_grid_s, self.wake_s)
+
+    def thermometer_wake(self, delay_s: np.ndarray) -> np.ndarray:
+        """The thermometer's transfer excess after a collective that followed a delay of
+        ``delay_s`` (wake(0) without a measurement)."""
+        if self.thermometer_wake_s is None:
+            return self.wake(np.zeros_like(np.asarray(delay_s, dtype=np.float64)))
+        return np.interp(delay_s, self.delay_grid_s, self.thermometer_wake_s)
 
     def p2p_wake(self, idle_s: np.ndarray, sender_waited: np.ndarray | bool = False,
                  num_bytes: np.ndarray | float | None = None) -> np.ndarray:
@@ -388,7 +403,7 @@ class HostOverhead(BaseModel):
         update.update({k: [v * factor for v in getattr(self, k)] for k in (
             "delay_grid_s", "delay_excess_s", "collective_excess_s", "wake_s")})
         for k in ("p2p_wake_s", "p2p_idle_grid_s", "p2p_send_wake_s", "p2p_recv_idle_s",
-                  "p2p_send_idle_s", "p2p_stage_fixed_s"):
+                  "p2p_send_idle_s", "p2p_stage_fixed_s", "thermometer_wake_s"):
             if getattr(self, k) is not None:
                 update[k] = [v * factor for v in getattr(self, k)]
         if self.p2p_by_size is not None:  # times scaled; the sizes are bytes

@@ -166,8 +166,12 @@ class CostModelExecutor:
                 num_a2a = 2 * self.cost._num_moe[p]
                 over[p] += num_a2a * float(h.collective_excess(0.0))
                 num_group += num_a2a
-            if tp > 1 and st.probe_bytes:  # the thermometer, right after another op
-                over[p] += float(h.collective_excess(0.0))
+            if tp > 1 and st.probe_bytes:  # the thermometer, right after another op (the
+                # middle layer's first all-reduce), with what its own probe measured beyond
+                # the back-to-back calls' transfer
+                mid = float(st.attn_compute_s[st.layer_ids.size // 2])
+                over[p] += float(h.collective_excess(0.0) + h.thermometer_wake(mid)
+                                 - h.wake(0.0))
                 num_group += 1
             over[p] += num_group * h.collective_call_s
             # Delays that follow each other (no collective between): the layer loop's gap.

@@ -140,13 +140,30 @@ def collective_instances(collectives: pa.Table, node_of_rank: list | None = None
         inter = np.array([len(set(nodes[s:s + k].tolist())) > 1 for s, k in zip(starts, size)])
     else:
         inter = np.zeros(starts.size, bool)
-    return {"replica": c["replica"][order][starts], "step": c["step"][order][starts],
-            "stage": c["stage"][order][starts],
+    replica, step = c["replica"][order][starts], c["step"][order][starts]
+    group, seq = c["group"][order][starts], c["seq"][order][starts]
+    return {"replica": replica, "step": step, "stage": c["stage"][order][starts],
             "op": op, "group_size": np.where(op == "send_recv", 2, size),
             "placement": np.where(inter, "inter", "intra"), "bytes": nbytes,
             "time_s": time_s, "sync_wait_s": sync, "idle_before_s": idle_before,
+            "prev_idle_before_s": _previous_on_group(replica, step, group, seq, idle_before),
             "sender_waited": sender_waited,
             "is_probe": c["layer"][order][starts] == PROBE_LAYER}
+
+
+def _previous_on_group(replica, step, group, seq, values) -> np.ndarray:
+    """Per instance: ``values`` of the instance before it on its group in its step (seq - 1),
+    0 for a group's first. The thermometer's wake-up depends on the delay before the
+    collective it follows (HostOverhead.thermometer_wake)."""
+    gid = np.unique(np.asarray(group, dtype=str), return_inverse=True)[1]
+    order = np.lexsort((seq, gid, step, replica))
+    same = np.zeros(order.size, bool)
+    r, st, g, q = replica[order], step[order], gid[order], seq[order]
+    same[1:] = (r[1:] == r[:-1]) & (st[1:] == st[:-1]) & (g[1:] == g[:-1]) & (q[1:] == q[:-1] + 1)
+    v = np.asarray(values, dtype=np.float64)[order]
+    out = np.empty(order.size)
+    out[order] = np.where(same, np.r_[0.0, v[:-1]], 0.0)
+    return out
 
 
 def _gap_before(replica, step, rank, entry_s, exit_s) -> np.ndarray:
@@ -167,7 +184,8 @@ def _gap_before(replica, step, rank, entry_s, exit_s) -> np.ndarray:
 def _predicted(inst: dict[str, np.ndarray], profile: CommProfile
                ) -> tuple[np.ndarray, np.ndarray]:
     """Per instance (the benchmark line, the host's wake-up cost after the idle time before
-    it: HostOverhead.wake / p2p_wake; zeros without a host profile)."""
+    it: HostOverhead.wake / p2p_wake, for the thermometer thermometer_wake after the idle
+    time before its predecessor; zeros without a host profile)."""
     line = np.array([profile.time_s(o, int(n), p, float(b)) for o, n, p, b in zip(
         inst["op"].tolist(), inst["group_size"].tolist(), inst["placement"].tolist(),
         inst["bytes"].tolist())])
@@ -176,8 +194,13 @@ def _predicted(inst: dict[str, np.ndarray], profile: CommProfile
         return line, np.zeros_like(line)
     p2p = inst["op"] == "send_recv"
     sender_waited = inst.get("sender_waited", np.zeros(p2p.size, bool))
+    wake = profile.host.wake(delay_s)
+    probe = inst.get("is_probe")
+    if probe is not None and probe.any():  # the thermometer, after the delay before its
+        prev = inst.get("prev_idle_before_s", np.zeros(p2p.size))  # predecessor
+        wake = np.where(probe, profile.host.thermometer_wake(prev), wake)
     return line, np.where(p2p, profile.host.p2p_wake(delay_s, sender_waited, inst["bytes"]),
-                          profile.host.wake(delay_s))
+                          wake)
 
 
 THERMOMETER_OPS = {"all_reduce": ("all_reduce", "all_gather", "all_to_all")}

@@ -137,6 +137,14 @@ def test_host_terms_of_one_stage():
     gap_ep, over_ep = ex_ep._host_terms(probe_work(2, 5e-4, 4096), 1)
     assert over_ep == pytest.approx(over + 4 * 1e-4)
     assert gap_ep == pytest.approx(gap + 2 * 4 * 1e-6)
+    # The thermometer (mid-stage, back to back): the excess at 0 (100 us), plus what its own
+    # curve, read at the middle layer's attention delay (0.5 ms: 60 us), adds over wake(0)
+    therm = HOST.model_copy(update={"thermometer_wake_s": [2e-5, 1e-4]})
+    for host, extra in ((HOST, 1e-4), (therm, 1e-4 + 6e-5)):
+        ex_t = CostModelExecutor(SimpleNamespace(tp=2, ep=1), None, host=host)
+        gap_t, got = ex_t._host_terms(probe_work(2, 5e-4, 4096, thermometer=True), 1)
+        assert got == pytest.approx(over + extra)
+        assert gap_t == pytest.approx(gap + 2 * 1e-6)
     # The call into a group collective: once per TP collective (6) and EP all-to-all (4);
     # a stage without collectives never pays it.
     call = HOST.model_copy(update={"collective_call_s": 7e-6})
@@ -446,8 +454,8 @@ def test_probe_re_measures_the_runs_all_gather_apart_from_the_overheads(monkeypa
     monkeypatch.setattr(host_mod, "measure_step_gap", lambda group, **kw: (1e-3, 0.0))
     line_ar, line_ag = 100e-6, 2e-3
 
-    class Group:  # 17 all-reduces, then the all-gather: 10 us slower than back to back
-        world_size = 2
+    class Group:  # 17 all-reduces, then the all-gather: 10 us slower than back to back;
+        world_size = 2  # the thermometer after the middle layer's first one: 30 us
         pool = None
 
         def allocate(self, weights, num_blocks, block_elems, scale, kv_block_size_tokens):
@@ -459,21 +467,28 @@ def test_probe_re_measures_the_runs_all_gather_apart_from_the_overheads(monkeypa
             d = float(st.attn_compute_s[0])
             durs = [line_ar + 1e-5] * 17 + [1.2 * line_ag + 1e-5]  # the all-gather 1.2x
             assert st.logits_gather_bytes == 4096 and st.tp_allreduce_bytes == 64
+            assert st.probe_bytes == 64 and st.layer_ids.size == 8
             # the step writes its 40 KV rows (of 24 elements) into the pool
             assert list(slots) == list(range(40)) == list(range(work.num_tokens))
             assert self.pool == (48, 24)
-            t, entry, exit_, comp = 0.0, [], [], []
+            t, entry, exit_, comp, layer = 0.0, [], [], [], []
             for k, dur in enumerate(durs):
                 if k == 1:  # the KV write, after the first layer's attention delay
                     t += 1.3e-4
                 comp.append((t, t + d))
                 entry.append(t + d)
                 exit_.append(t + d + dur)
+                layer.append((k - 1) // 2 if 0 < k < 17 else -1)
                 t = exit_[-1]
+                if k == 9:  # layer 4's first all-reduce: the thermometer, back to back
+                    entry.append(t)
+                    exit_.append(t + line_ar + 3e-5)
+                    layer.append(-2)
+                    t = exit_[-1]
             c = np.array(comp)
             return [SimpleNamespace(coll_entry_s=np.array(entry), coll_exit_s=np.array(exit_),
-                                    comp_start_s=c[:, 0], comp_end_s=c[:, 1], start_s=0.0,
-                                    end_s=t)] * 2
+                                    coll_layer=np.array(layer), comp_start_s=c[:, 0],
+                                    comp_end_s=c[:, 1], start_s=0.0, end_s=t)] * 2
 
     def line_s(op, num_bytes):
         assert num_bytes == (64 if op == "all_reduce" else 2 * 4096)
@@ -491,6 +506,8 @@ def test_probe_re_measures_the_runs_all_gather_apart_from_the_overheads(monkeypa
     assert got.host.collective_call_s == pytest.approx(0.0, abs=1e-12)
     assert got.host.kv_write_s == pytest.approx(1.3e-4)
     assert got.host.step_gap_s == 1e-3
+    # the thermometer measured on its own, kept out of the rest
+    assert got.host.thermometer_wake_s == pytest.approx([3e-5] * 2)
 
 
 class _FakeEmulation:

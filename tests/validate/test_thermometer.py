@@ -110,3 +110,37 @@ def test_driver_thermometer_is_the_runs_driver_time_per_step_over_the_probes():
     assert driver_thermometer(None, host) is None
     assert driver_thermometer({"driver_busy_s": 0.0, "num_steps": 0}, host) is None
     assert driver_thermometer(control, None) is None
+
+
+def test_the_thermometer_is_priced_after_the_delay_before_the_call_it_follows():
+    # all-reduces at 0 and, 500 us later, at 600 us; the probe right after the second
+    rows = [  # rank, seq, layer, entry, exit
+        (0, 0, 0, 0.0, 100e-6), (1, 0, 0, 0.0, 100e-6),
+        (0, 1, 1, 600e-6, 700e-6), (1, 1, 1, 600e-6, 700e-6),
+        (0, 2, -2, 700e-6, 780e-6), (1, 2, -2, 700e-6, 780e-6)]
+    n = len(rows)
+    rec = CollectiveRecords()
+    rec.extend({"rank": np.array([r[0] for r in rows]), "seq": np.array([r[1] for r in rows]),
+                "layer": np.array([r[2] for r in rows]),
+                "entry_s": np.array([r[3] for r in rows]), "exit_s": np.array([r[4] for r in rows]),
+                "op": np.array(["all_reduce"] * n, dtype=object),
+                "group": np.array(["tp"] * n, dtype=object), "bytes": np.full(n, 65536),
+                "replica": np.zeros(n, np.int64), "step": np.zeros(n, np.int64),
+                "stage": np.zeros(n, np.int64), "axis": np.array(["tp"] * n, dtype=object)})
+    inst = collective_instances(rec.finalize())
+    order = np.argsort(inst["time_s"])  # probe (80 us), then the two 100 us calls
+    assert inst["is_probe"][order].tolist() == [True, False, False]
+    assert inst["prev_idle_before_s"][order[0]] == pytest.approx(500e-6)
+    host = HostOverhead(num_ranks=2, step_gap_s=0.0, step_fixed_s=0.0,
+                        delay_grid_s=[0.0, 1e-3], delay_excess_s=[0.0, 0.0],
+                        collective_excess_s=[0.0, 0.0], wake_s=[5e-6, 5e-6],
+                        thermometer_wake_s=[10e-6, 30e-6])
+    prof = PROFILE.model_copy(update={"host": host})
+    # predicted 110 + 20 us (the thermometer's own curve at 500 us), measured 80
+    assert read_thermometer(inst, prof)["all_reduce"]["shift_s"] == pytest.approx(-50e-6)
+    # a profile without the curve: the back-to-back wake-up, 5 us
+    old = prof.model_copy(update={"host": host.model_copy(update={"thermometer_wake_s": None})})
+    assert read_thermometer(inst, old)["all_reduce"]["shift_s"] == pytest.approx(-35e-6)
+    assert host.scaled(0.5).thermometer_wake(250e-6) == pytest.approx(10e-6)
+    with pytest.raises(ValueError, match="thermometer_wake_s needs one value"):
+        HostOverhead(**{**host.model_dump(), "thermometer_wake_s": [0.0]})
