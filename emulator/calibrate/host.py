@@ -349,7 +349,8 @@ def measure_pipeline_wake(group, line_s, num_bytes: int = PROBE_BYTES,
     fixed: dict[int, list[float]] = {0: [], 1: []}  # per stage: time outside the delays
     for sender_waits in (False, True):
         for d in grid_s:
-            for b in sizes:  # a block per size: a run's transfers mostly follow one of their size
+            # a block of plans per size: a run's transfers mostly follow one of their size
+            for b in sizes:
                 work = work_at(d, sender_waits, b)
                 submit = lambda i: group.submit_replica_step(  # noqa: E731
                     0, work, slots, dilation, step_key=("p2p", sender_waits, d, b, i))

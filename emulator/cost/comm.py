@@ -244,8 +244,9 @@ class HostOverhead(BaseModel):
         default=None, description="Per grid point: the part inside the transfer of the "
         "excess of validate's thermometer (an all-reduce back to back after a group "
         "collective that followed a delay of that length, mid-step; StageWork.probe_bytes). "
-        "In the probes it took tens of us more than the back-to-back calls of wake_s[0] "
-        "(docs/results-validation.md, repeat 16). None: wake_s at 0.")
+        "In a probe script it took up to ~60 us more than the back-to-back calls of "
+        "wake_s[0] after 2-6 ms delays (docs/results-validation.md, repeat 16). None: "
+        "wake_s at 0.")
     p2p_idle_grid_s: list[float] | None = Field(
         default=None, description="Receiver idle times probed for p2p_wake_s, ascending (a "
         "pipeline stage can wait a whole stage, longer than any compute delay).")
@@ -276,7 +277,7 @@ class HostOverhead(BaseModel):
         "None: step_fixed_s.")
     p2p_by_size: list[P2PWakeCurves] | None = Field(
         default=None, description="The pipeline wake-up curves per transfer size (ascending "
-        "num_bytes, same grid), probed with the sizes interleaved. A transfer of known size is "
+        "num_bytes, same grid), probed in a block of plans per size. A transfer of known size is "
         "priced by interpolating them linearly in bytes (flat outside), the other p2p_* "
         "curves being the ones at the run's median step's size. On the development VM, "
         "sender-waited transfers of 128 KiB and more cost 50-80 us more after ~16 ms idle than "
