@@ -165,7 +165,12 @@ def measure_host_overhead(group, line_s, *, num_steps: int = 16,
     step's; :func:`kv_probe_slots`) after its first attention delay, as a run's steps do:
     the first segment (that delay, the write, the call into the first layer's all-reduce)
     less the median of the step's other segments is ``kv_write_s``, and the first segment
-    is kept out of the per-collective terms."""
+    is kept out of the per-collective terms.
+
+    Every probe step also runs validate's thermometer (an all-reduce of ``num_bytes`` back to
+    back after the middle layer's first one, as a run's steps do under `validate`): its
+    transfer excess per delay is ``thermometer_wake_s``, and it is kept out of the other
+    terms (:func:`_without_thermometer`)."""
     n = group.world_size
     gather = num_bytes if gather_bytes is None else gather_bytes
     # The probe program: embed all-reduce, 2 per layer, logits all-gather (output n x bytes),
