@@ -127,7 +127,7 @@ def build_run(config: RunConfig, *, record_slots: bool = False) -> RunSetup:
     routing = make_routing(config, model, layout)
     cost = CostModel(model, hardware, layout, profile, routing=routing,
                      dispatch_dtype_bytes=1 if config.dispatch_dtype == "fp8" else None,
-                     probe_bytes=config.thermometer_bytes)
+                     thermometer=config.thermometer)
     scheduler_config = SchedulerConfig(
         max_num_seqs=config.max_num_seqs, max_num_batched_tokens=config.max_num_batched_tokens,
         block_size=config.block_size, enable_chunked_prefill=config.enable_chunked_prefill,

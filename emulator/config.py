@@ -64,9 +64,20 @@ class RunConfig(BaseModel):
         "auto", description="CPU priority of the driver's threads while the workers live: realtime (SCHED_FIFO 1, one below the ranks: its work between steps is not held up by Ray's daemons, and a rank that wakes still preempts it; needs root or an rtprio limit), normal, or auto (realtime when a rank on the driver's host runs at real-time priority).")
 
     run_ahead: bool = Field(True, description="Once every request has arrived (an offline batch: from the start), submit each replica's next plan while its steps run, so that it starts when the step before it ends instead of a driver round trip later (the plans are the same: the scheduler never reads the clock). Off: every plan waits for the step before it to report (`validate` runs so: its host probes price that loop's gap between steps).")
-    thermometer_bytes: int = Field(0, ge=0, description="Thermometer probes (set by `validate`): in every step a back-to-back all-reduce of this many bytes after the first TP all-reduce of each stage's middle layer (tp > 1 only), measuring the host's collective speed during the run; the simulator prices it too. 0 = none.")
+    thermometer: bool = Field(False, description="Thermometer probes (set by `validate`): in every step each stage repeats the first TP all-reduce of its middle layer, back to back (tp > 1 only), measuring the host's collective speed during the run; the simulator prices it too.")
     pin_ranks: Literal["auto", "on", "off"] = Field(
         "auto", description="Pin each rank's threads to a CPU of its own (round robin over a node's CPUs): on, off, or auto (on with the gloo backend when a node has a CPU for every rank and one more for the driver and Ray). Floating ranks move between CPUs at their wake-ups; pinned ones cannot move away from the driver.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _older_fields(cls, data: Any) -> Any:
+        """Runs written before the thermometer repeated its step's all-reduce gave it a size
+        of its own (``thermometer_bytes``); re-reporting one prices its thermometer as now."""
+        if isinstance(data, dict) and "thermometer_bytes" in data:
+            data = dict(data)
+            on = bool(data.pop("thermometer_bytes"))
+            data.setdefault("thermometer", on)
+        return data
 
     @model_validator(mode="after")
     def _check(self) -> "RunConfig":

@@ -46,8 +46,10 @@ class StageWork:
     0 on the last stage."""
     probe_bytes: int = 0
     """Thermometer probe (``emulator validate``; 0 = none; tp > 1 only): an all-reduce of
-    this many bytes over TP right after the first layer's first all-reduce, back to back, so
-    it measures the host's collective speed during the run."""
+    this many bytes over TP right after the middle layer's first all-reduce, back to back, so
+    it measures the host's collective speed during the run. The cost model makes it that
+    all-reduce's size (``tp_allreduce_bytes``): the worker then runs it on the same buffer
+    view, as the host probes do (runtime.groups.TimedCollectives.buffer)."""
     # --- expert parallelism (MoE layers with ep > 1); defaults mean "no EP" -------------
     ep_layers: np.ndarray | None = None
     """bool [L] or None: layers that dispatch their tokens to experts with an all-to-all

@@ -84,12 +84,13 @@ class CostModel:
 
     def __init__(self, model, hardware, layout, profile: CommProfile | None = None,
                  efficiency: Efficiency | None = None, *, routing: RoutingSpec | None = None,
-                 dispatch_dtype_bytes: int | None = None, probe_bytes: int = 0) -> None:
+                 dispatch_dtype_bytes: int | None = None, thermometer: bool = False) -> None:
         layout.validate_for(model)
         self._args = dict(efficiency=efficiency, routing=routing,
-                          dispatch_dtype_bytes=dispatch_dtype_bytes, probe_bytes=probe_bytes)
-        self.probe_bytes = int(probe_bytes)
-        """Thermometer probe in every stage with tp > 1 (StageWork.probe_bytes); 0 = none."""
+                          dispatch_dtype_bytes=dispatch_dtype_bytes, thermometer=thermometer)
+        self.thermometer = bool(thermometer)
+        """Thermometer probe in every stage with tp > 1 (StageWork.probe_bytes: the stage's
+        own all-reduce size)."""
         self.model, self.hardware, self.layout = model, hardware, layout
         self.tp, self.pp, self.ep = layout.tp, layout.pp, layout.ep
         self.profile = profile or CommProfile.from_hardware(
@@ -241,7 +242,7 @@ class CostModel:
                 logits_gather_bytes=(num_samples * (self.model.vocab_size // self.tp)
                                      * self.model.dtype_bytes if last and self.tp > 1 else 0),
                 pp_send_bytes=0 if last else act,
-                probe_bytes=self.probe_bytes if self.tp > 1 else 0,
+                probe_bytes=tp_bytes if self.thermometer and self.tp > 1 else 0,
                 **ep_fields))
         return StepWork(stages=stages, num_tokens=num_tokens, num_sampled_tokens=num_samples)
 

@@ -320,7 +320,7 @@ class Worker:
                     coll.ready_s = self._now()  # the write is real work, not bookkeeping
                 if work.tp_allreduce_bytes:
                     coll.all_reduce("tp", work.tp_allreduce_bytes, layer)
-                    if i == probe_at:
+                    if i == probe_at:  # the same size: the same buffer view, no re-slicing
                         coll.all_reduce("tp", work.probe_bytes, PROBE_LAYER)
                 if work.ep_layers is not None and work.ep_layers[i]:
                     self._expert_layer(step_key, work, i, layer, num_tokens, dilation)

@@ -208,10 +208,11 @@ THERMOMETER_OPS = {"all_reduce": ("all_reduce", "all_gather", "all_to_all")}
 
 
 def read_thermometer(inst: dict[str, np.ndarray], profile: CommProfile) -> dict[str, Any]:
-    """What the run's thermometer probes (``is_probe`` instances: back-to-back collectives
-    of one size, StageWork.probe_bytes) say about the host during the run, per probe op:
-    instances, bytes, measured and predicted median, and ``shift_s``, how much longer than
-    predicted the probes took (measured - predicted median, the tables' units). The host's
+    """What the run's thermometer probes (``is_probe`` instances: back-to-back repeats of
+    a step's all-reduce, StageWork.probe_bytes) say about the host during the run, per probe
+    op: instances, median bytes, measured and predicted median, and ``shift_s``, how much
+    longer than predicted the probes took (the median over instances of measured -
+    predicted, the tables' units: the probes have their steps' sizes). The host's
     slow and fast regimes differ by a cost per call (a collective right after a delay is
     slower than one back to back by about the same time in both), so the shift is added to
     every call of the ops it stands for (THERMOMETER_OPS), whatever their size."""
@@ -222,11 +223,12 @@ def read_thermometer(inst: dict[str, np.ndarray], profile: CommProfile) -> dict[
     line, wake = _predicted(inst, profile)
     for op in sorted(set(inst["op"][probes].tolist())):
         sel = probes & (inst["op"] == op)
-        measured = float(np.median(inst["time_s"][sel]))
-        predicted = float(np.median(np.maximum(0.0, line[sel] + wake[sel])))
+        measured = inst["time_s"][sel]
+        predicted = np.maximum(0.0, line[sel] + wake[sel])
         out[op] = {"num_instances": int(sel.sum()), "bytes": float(np.median(inst["bytes"][sel])),
-                   "measured_median_s": measured, "predicted_median_s": predicted,
-                   "shift_s": measured - predicted}
+                   "measured_median_s": float(np.median(measured)),
+                   "predicted_median_s": float(np.median(predicted)),
+                   "shift_s": float(np.median(measured - predicted))}
     return out
 
 

@@ -254,9 +254,10 @@ def validate(config: RunConfig, outdir: Path, *, host_probe: bool = True,
     the report prices with the mean factor of the two (``host_probes.line_factors``): the
     speed of MB-sized messages drifts apart from that of the run's activations.
 
-    ``thermometer`` (with tp > 1): every stage of every step of the emulation also runs one
-    all-reduce of the probe size over TP right after its middle layer's first one
-    (RunConfig.thermometer_bytes), which the simulator prices too, with what the host
+    ``thermometer`` (with tp > 1): every stage of every step of the emulation also repeats
+    its middle layer's first all-reduce over TP, back to back (RunConfig.thermometer: the
+    same size and buffer, as in the host probes' steps), which the simulator prices too,
+    with what the host
     probes measured for a call in that position (HostOverhead.thermometer_wake_s). The
     host's collective speed switches between levels for tens of seconds at a time on a
     shared VM (benchmarks/bench_host_drift.py), so a profile measured at another time is
@@ -290,7 +291,7 @@ def validate(config: RunConfig, outdir: Path, *, host_probe: bool = True,
     num_bytes, template, largest, quartiles = (probe_plan(config) if host_probe or thermometer
                                                else (0, None, None, ()))
     if thermometer and config.tp > 1:
-        config = config.model_copy(update={"thermometer_bytes": num_bytes})
+        config = config.model_copy(update={"thermometer": True})
     gather = gather_bytes(config, template)
     setup = build_run(config, record_slots=True)
     # The probes write KV rows of the size the run's ranks hold (as Worker.allocate sizes them).

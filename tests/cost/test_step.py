@@ -172,20 +172,26 @@ def test_layout_checked_against_model(tiny, hw):
 
 
 def test_thermometer_probes_are_priced_in_every_stage(tiny, hw):
-    # validate's thermometer: one all-reduce of probe_bytes per stage over TP; the
-    # transfers between stages are unchanged.
+    # validate's thermometer: per stage one more all-reduce over TP of the step's
+    # activations (a repeat of the stage's own); the transfers between stages are unchanged.
     layout = ParallelLayout(tp=2, pp=2)
-    plain, probed = CostModel(tiny, hw, layout), CostModel(tiny, hw, layout, probe_bytes=4096)
+    plain, probed = CostModel(tiny, hw, layout), CostModel(tiny, hw, layout, thermometer=True)
     w0, w1 = plain.step_work(DECODE4), probed.step_work(DECODE4)
+    act = 4 * tiny.hidden_size * tiny.dtype_bytes
     assert [st.probe_bytes for st in w0.stages] == [0, 0]
-    assert [st.probe_bytes for st in w1.stages] == [4096, 4096]
+    assert [st.probe_bytes for st in w1.stages] == [act, act]
+    assert [st.tp_allreduce_bytes for st in w1.stages] == [act, act]
     c0, m0, p0 = plain.stage_times(w0)
     c1, m1, p1 = probed.stage_times(w1)
-    ar = 2 * 1e-6 + 4096 * (2 * 1 / 2) / 1e10  # ring all-reduce of 2 ranks on scale-up
+    ar = 2 * 1e-6 + act * (2 * 1 / 2) / 1e10  # ring all-reduce of 2 ranks on scale-up
     assert c1 == pytest.approx(c0)
     assert m1 - m0 == pytest.approx([ar, ar])
     assert p1 == p0
-    assert probed.with_profile(probed.profile.scaled(2.0)).probe_bytes == 4096
+    assert probed.with_profile(probed.profile.scaled(2.0)).thermometer
+    # each step's own size
+    prefill = make_plan([12], [0], [True])
+    assert [st.probe_bytes for st in probed.step_work(prefill).stages] == [
+        12 * tiny.hidden_size * tiny.dtype_bytes] * 2
     # nothing to probe with a single rank
-    assert CostModel(tiny, hw, ParallelLayout(), probe_bytes=4096).step_work(
+    assert CostModel(tiny, hw, ParallelLayout(), thermometer=True).step_work(
         DECODE4).stages[0].probe_bytes == 0

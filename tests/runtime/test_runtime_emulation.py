@@ -294,20 +294,19 @@ def test_tp2_pp2_on_four_ranks(batch_trace, ray_local):
 
 
 def test_thermometer_probes_run_in_every_step(batch_trace, ray_local):
-    # validate's thermometer: per step an all-reduce of the probe size over each stage's TP
-    # group right after its middle layer's first all-reduce; the transfers between stages
-    # are unchanged.
-    setup = _setup(batch_trace, tp=2, pp=2, thermometer_bytes=4096)
+    # validate's thermometer: per step a repeat of each stage's middle layer's first
+    # all-reduce over its TP group, right after it (same size); the transfers between
+    # stages are unchanged.
+    setup = _setup(batch_trace, tp=2, pp=2, thermometer=True)
     with WorkerGroup(setup.layout, backend="gloo", timeout_s=5.0) as group:
         _, tables = _run(setup, group)
-    sim = simulate(_setup(batch_trace, tp=2, pp=2, thermometer_bytes=4096))
+    sim = simulate(_setup(batch_trace, tp=2, pp=2, thermometer=True))
     assert _steps(tables.steps) == _steps(sim.steps)
     col = tables.collectives
     c = {k: col[k].to_numpy(zero_copy_only=False) for k in ("op", "rank", "layer", "bytes",
                                                             "seq", "step")}
     probe = c["layer"] == -2
     num_steps = len(set(c["step"].tolist()))
-    assert (c["bytes"][probe] == 4096).all()
     ar = probe & (c["op"] == "all_reduce")
     assert sorted(c["rank"][ar].tolist()) == sorted([0, 1, 2, 3] * num_steps)
     assert set(c["op"][probe].tolist()) == {"all_reduce"}
@@ -319,4 +318,10 @@ def test_thermometer_probes_run_in_every_step(batch_trace, ray_local):
         first[key] = min(first.get(key, c["seq"][k]), c["seq"][k])
     assert [c["seq"][k] for k in np.flatnonzero(ar)] == [
         first[(c["rank"][k], c["step"][k])] + 1 for k in np.flatnonzero(ar)]
+    # of the size of the all-reduce before it
+    size = {(c["rank"][k], c["step"][k], c["seq"][k]): c["bytes"][k]
+            for k in np.flatnonzero(c["op"] == "all_reduce")}
+    assert [c["bytes"][k] for k in np.flatnonzero(ar)] == [
+        size[(c["rank"][k], c["step"][k], c["seq"][k] - 1)] for k in np.flatnonzero(ar)]
+    assert len(set(c["bytes"][ar].tolist())) > 1  # the steps' sizes differ
     assert (c["op"] == "send").sum() == (c["op"] == "recv").sum() == 2 * num_steps

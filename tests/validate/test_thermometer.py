@@ -144,3 +144,38 @@ def test_the_thermometer_is_priced_after_the_delay_before_the_call_it_follows():
     assert host.scaled(0.5).thermometer_wake(250e-6) == pytest.approx(10e-6)
     with pytest.raises(ValueError, match="thermometer_wake_s needs one value"):
         HostOverhead(**{**host.model_dump(), "thermometer_wake_s": [0.0]})
+
+
+def test_the_shift_is_the_median_of_each_probes_own_excess():
+    # probes of their steps' sizes: 64 KiB against a 110 us line, 1 MiB against 200 us
+    beta = 90e-6 / (1048576 - 65536)
+    prof = CommProfile(name="h", entries=[CommEntry(
+        op="all_reduce", group_size=2, placement="intra", alpha_s=110e-6 - 65536 * beta,
+        beta_s_per_byte=beta)])
+    rows = []
+    for i, (size, t) in enumerate([(65536, 150e-6), (1048576, 180e-6), (1048576, 190e-6)]):
+        start = i * 1e-3
+        rows += [(r, i, -2, size, start, start + t) for r in (0, 1)]
+    n = len(rows)
+    rec = CollectiveRecords()
+    rec.extend({"rank": np.array([r[0] for r in rows]), "seq": np.array([r[1] for r in rows]),
+                "layer": np.array([r[2] for r in rows]), "bytes": np.array([r[3] for r in rows]),
+                "entry_s": np.array([r[4] for r in rows]), "exit_s": np.array([r[5] for r in rows]),
+                "op": np.array(["all_reduce"] * n, dtype=object),
+                "group": np.array(["tp"] * n, dtype=object), "replica": np.zeros(n, np.int64),
+                "step": np.zeros(n, np.int64), "stage": np.zeros(n, np.int64),
+                "axis": np.array(["tp"] * n, dtype=object)})
+    probe = read_thermometer(collective_instances(rec.finalize()), prof)["all_reduce"]
+    # +40, -20, -10 us: median -10 (the medians' difference, 180 - 200, would say -20)
+    assert probe["shift_s"] == pytest.approx(-10e-6)
+    assert probe["measured_median_s"] == pytest.approx(180e-6)
+    assert probe["predicted_median_s"] == pytest.approx(200e-6)
+    assert probe["bytes"] == 1048576 and probe["num_instances"] == 3
+
+
+def test_runs_recorded_with_a_thermometer_size_read_back():
+    from emulator.config import RunConfig
+
+    assert RunConfig.model_validate({"trace": "t.arrow", "thermometer_bytes": 4096}).thermometer
+    assert not RunConfig.model_validate({"trace": "t.arrow", "thermometer_bytes": 0}).thermometer
+    assert not RunConfig.model_validate({"trace": "t.arrow"}).thermometer
