@@ -257,12 +257,11 @@ def validate(config: RunConfig, outdir: Path, *, host_probe: bool = True,
     ``thermometer`` (with tp > 1): every stage of every step of the emulation also repeats
     its middle layer's first all-reduce over TP, back to back (RunConfig.thermometer: the
     same size and buffer, as in the host probes' steps), which the simulator prices too,
-    with what the host
-    probes measured for a call in that position (HostOverhead.thermometer_wake_s). The
-    host's collective speed switches between levels for tens of seconds at a time on a
-    shared VM (benchmarks/bench_host_drift.py), so a profile measured at another time is
-    off by as much; the probes
-    measure it during the run, apart from the collectives validated. The report is then
+    with what the host probes measured for a call in that position
+    (HostOverhead.thermometer_wake_s). The host's collective speed switches between levels
+    for tens of seconds at a time on a shared VM (benchmarks/bench_host_drift.py), so a
+    profile measured at another time is off by as much; the probes measure it during the
+    run, apart from the collectives validated. The report is then
     priced with the group collectives' lines shifted by what the probes measured
     (``thermometer``, ``thermometer_shift_s``), and keeps the errors as calibrated
     (``as_calibrated``). Pipeline transfers get no probe: a back-to-back transfer did not

@@ -62,10 +62,12 @@ def test_calibrate_then_validate(raw, tmp_path, monkeypatch):
     # TP: the thermometer probes ran (one per step), were left out of the collectives
     # validated, and re-priced the run; the errors as calibrated are kept beside.
     probe = saved["thermometer"]["all_reduce"]
-    steps = read_run(tmp_path / "val" / "emulate").steps  # each a repeat of its step's size
-    tokens = (steps["num_prefill_tokens"].to_numpy() + steps["num_decode_tokens"].to_numpy())
-    assert probe["num_instances"] == saved["num_steps"] and probe["bytes"] == np.median(
-        tokens) * probe_bytes(cfg) // int(np.sort(tokens)[(tokens.size - 1) // 2])
+    steps = read_run(tmp_path / "val" / "emulate").steps
+    tokens = np.sort(steps["num_prefill_tokens"].to_numpy()
+                     + steps["num_decode_tokens"].to_numpy())
+    token_bytes = probe_bytes(cfg) // int(tokens[(tokens.size - 1) // 2])  # lower median's
+    assert probe["num_instances"] == saved["num_steps"]
+    assert probe["bytes"] == np.median(tokens) * token_bytes  # each its own step's size
     assert saved["thermometer_shift_s"]["all_gather"] == pytest.approx(
         probe["shift_s"] * cfg.dilation)
     assert "with the run's thermometer" in saved["verdict"]
