@@ -171,8 +171,9 @@ def calibrate(output, from_bench, no_host_probe, name, line_only, **kw):
               "lines come from --comm-profile, except that with TP the logits all-gather's "
               "is scaled by what the two probes measured at the run's size.")
 @click.option("--thermometer/--no-thermometer", default=True, show_default=True,
-              help="With TP: add one back-to-back probe all-reduce per stage and step and "
-              "price the group collectives with the speed they measured. With PP: scale the "
+              help="With TP: every stage repeats its middle layer's first all-reduce back to "
+              "back in every step, and the group collectives are priced with the speed these "
+              "probes measured. With PP: scale the "
               "probed round trip between a micro-batch's steps by the driver's busy time per "
               "step in the run over the probe's. The as-calibrated errors are reported "
               "beside.")
@@ -217,10 +218,11 @@ def validate(config_file, outdir, host_probe, thermometer, reuse_emulation, **va
                       f"{'-' if medians is None else f'{medians * 100:+.1f}%'}; "
                       f"{r['num_sizes']} sizes)", highlight=False)
     for op, t in (report.get("thermometer") or {}).items():
-        console.print(f"  thermometer {op} {int(t['bytes']):,} B n={t['num_instances']}: "
+        console.print(f"  thermometer {op} median {int(t['bytes']):,} B n={t['num_instances']}: "
                       f"measured {format_seconds(t['measured_median_s'])}, as calibrated "
                       f"{format_seconds(t['predicted_median_s'])}: calls "
-                      f"{t['shift_s'] * 1e6:+.1f} µs (target time)", highlight=False)
+                      f"{t['shift_s'] * 1e6:+.1f} µs (target time; median per probe)",
+                      highlight=False)
     driver = report.get("driver_thermometer")
     if driver:
         console.print(f"  driver busy per step: run "
