@@ -168,9 +168,8 @@ class P2PWakeCurves(BaseModel):
                                      "send_wake_s.")
 
     def wake(self, idle_s: np.ndarray, sender_waited: np.ndarray | bool) -> np.ndarray:
-        return np.where(sender_waited, _interp_measured(idle_s, self.send_idle_s,
-                                                        self.send_wake_s),
-                        _interp_measured(idle_s, self.recv_idle_s, self.wake_s))
+        return _side_wake(idle_s, sender_waited, self.recv_idle_s, self.wake_s,
+                          self.send_idle_s, self.send_wake_s)
 
 
 class HostOverhead(BaseModel):
@@ -362,13 +361,12 @@ class HostOverhead(BaseModel):
             return at(hi - 1) * (1.0 - w) + at(hi) * w
         if self.p2p_wake_s is None:
             return self.wake(idle_s)
-        recv = _interp_measured(idle_s, self.p2p_recv_idle_s or self.p2p_idle_grid_s,
-                                self.p2p_wake_s)
-        if self.p2p_send_wake_s is None:
-            return recv
-        send = _interp_measured(idle_s, self.p2p_send_idle_s or self.p2p_idle_grid_s,
-                                self.p2p_send_wake_s)
-        return np.where(sender_waited, send, recv)
+        # an older profile's gaps: the idle grid for unmeasured idle times, the receiver's
+        # curve for a missing sender's
+        recv_x = self.p2p_recv_idle_s or self.p2p_idle_grid_s
+        send, send_x = ((self.p2p_wake_s, recv_x) if self.p2p_send_wake_s is None else
+                        (self.p2p_send_wake_s, self.p2p_send_idle_s or self.p2p_idle_grid_s))
+        return _side_wake(idle_s, sender_waited, recv_x, self.p2p_wake_s, send_x, send)
 
     def averaged(self, other: HostOverhead) -> HostOverhead:
         """The mean of two probes of the same grids (every time field, element by element):
@@ -416,6 +414,14 @@ class HostOverhead(BaseModel):
 
 _CURVE_TIMES = ("wake_s", "send_wake_s", "recv_idle_s", "send_idle_s")
 """P2PWakeCurves' time fields (HostOverhead.averaged and scaled)."""
+
+
+def _side_wake(idle_s, sender_waited, recv_x: list[float], recv: list[float],
+               send_x: list[float], send: list[float]) -> np.ndarray:
+    """A pipeline transfer's wake-up: the sender's curve where ``sender_waited``, else the
+    receiver's, each at ``idle_s`` (HostOverhead.p2p_wake, P2PWakeCurves.wake)."""
+    return np.where(sender_waited, _interp_measured(idle_s, send_x, send),
+                    _interp_measured(idle_s, recv_x, recv))
 
 
 def _interp_measured(x: np.ndarray, xp: list[float], fp: list[float]) -> np.ndarray:
