@@ -382,6 +382,10 @@ def test_pipeline_wake_up_curves_per_side():
     assert host.p2p_wake(np.array([5.0, 5.0]), np.array([False, True])) == pytest.approx(
         [0.5, 1.0])
     assert host.scaled(0.5).p2p_wake(2.5, True) == pytest.approx(0.5)
+    # a profile without the sender's curve prices both sides with the receiver's
+    old = host.model_copy(update={"p2p_send_wake_s": None})
+    assert old.p2p_wake(np.array([5.0, 5.0]), np.array([False, True])) == pytest.approx(
+        [0.5, 0.5])
     with pytest.raises(ValueError, match="p2p_send_wake_s"):
         HostOverhead(**{**host.model_dump(), "p2p_send_wake_s": [0.0]})
 
