@@ -25,7 +25,7 @@ COMMON_FIELDS = (
 )
 EMULATION_FIELDS = ("dilation", "memory_scale", "backend", "address", "timeout_s", "delay_mode",
                      "keep_awake", "rank_priority", "pin_ranks", "driver_priority",
-                     "run_ahead")
+                     "tcp_congestion", "run_ahead")
 
 
 def _click_type(annotation: Any) -> Any:
