@@ -41,12 +41,11 @@ import numpy as np
 
 def raw_allreduce_median_s(num_bytes: int, world: int, iters: int, delay_s: float = 0.0,
                            spin_s: float = 0.0, realtime: bool = False,
-                           cpus: list | None = None, congestion: str | None = None) -> float:
+                           cpus: list | None = None) -> float:
     """Median seconds of a gloo all-reduce of num_bytes among `world` bare processes, each
     call preceded by a delay of delay_s (waited like a worker waits: spin_s spun; with
     ``realtime`` the processes run at the ranks' real-time priority; ``cpus``: per rank the
-    CPU slot it is pinned to, as the workers were, or None; ``congestion``: the TCP
-    congestion control set on their gloo sockets, as the workers' were, or None)."""
+    CPU slot it is pinned to, as the workers were, or None)."""
     import torch.multiprocessing as mp
 
     ctx = mp.get_context("spawn")
@@ -54,8 +53,7 @@ def raw_allreduce_median_s(num_bytes: int, world: int, iters: int, delay_s: floa
     port = 29000 + os.getpid() % 1000
     cpus = cpus or [None] * world
     procs = [ctx.Process(target=_raw_worker, args=(r, world, port, num_bytes, iters, delay_s,
-                                                   spin_s, realtime, cpus[r], congestion,
-                                                   queue))
+                                                   spin_s, realtime, cpus[r], queue))
              for r in range(world)]
     for p in procs:
         p.start()
@@ -66,19 +64,15 @@ def raw_allreduce_median_s(num_bytes: int, world: int, iters: int, delay_s: floa
 
 
 def _raw_worker(rank, world, port, num_bytes, iters, delay_s, spin_s, realtime, cpu_slot,
-                congestion, queue):
+                queue):
     import torch
     import torch.distributed as dist
 
     from emulator.runtime.awake import pin_threads, set_realtime
     from emulator.runtime.delay import precise_sleep
-    from emulator.runtime.sockets import set_congestion, socket_fds
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), GLOO_SOCKET_IFNAME="lo")
-    before = socket_fds()
     dist.init_process_group("gloo", rank=rank, world_size=world)
-    if congestion is not None:
-        set_congestion(socket_fds() - before, congestion)
     set_realtime(realtime)
     pin_threads(cpu_slot)
     buf = torch.zeros(num_bytes // 2, dtype=torch.bfloat16)  # as the workers do
@@ -238,22 +232,19 @@ def main() -> None:
     iters = max(200, min(2000, int(mask.sum())))
     # The raw references run under the same host conditions: the same spinners, and each
     # delayed all-reduce after a compute delay of the step's median per-collective length,
-    # waited the way the workers wait, at the priority they ran at, on sockets with their
-    # congestion control.
+    # waited the way the workers wait, at the priority they ran at.
     spin_s = float("inf") if spin_s is None else spin_s  # None: delays spun whole
     slots = [None if m.get("cpu") is None else node_cpus().index(m["cpu"])
              for m in emu.host_mode]
-    congestion = emu.host_mode[0].get("tcp_congestion")
     decode = steps["num_prefill_tokens"].to_numpy() == 0
     per_op_delay_s = float(np.median(steps["compute_s"].to_numpy()[decode])) * d \
         / (2 * setup.model.num_layers / setup.layout.pp)
     spinners = IdleSpinners()
     spinners.start(cpus_available() if awake else 0)
     try:
-        raw_s = raw_allreduce_median_s(size, args.tp, iters, realtime=realtime, cpus=slots,
-                                       congestion=congestion)
+        raw_s = raw_allreduce_median_s(size, args.tp, iters, realtime=realtime, cpus=slots)
         raw_delayed_s = raw_allreduce_median_s(size, args.tp, iters, per_op_delay_s, spin_s,
-                                               realtime, slots, congestion)
+                                               realtime, slots)
     finally:
         spinners.stop()
 

@@ -63,8 +63,6 @@ class RunConfig(BaseModel):
     driver_priority: Literal["auto", "realtime", "normal"] = Field(
         "auto", description="CPU priority of the driver's threads while the workers live: realtime (SCHED_FIFO 1, one below the ranks: its work between steps is not held up by Ray's daemons, and a rank that wakes still preempts it; needs root or an rtprio limit), normal, or auto (realtime when a rank on the driver's host runs at real-time priority).")
 
-    tcp_congestion: Literal["auto", "cubic", "system"] = Field(
-        "auto", description="TCP congestion control of the sockets the ranks' gloo groups open: cubic, system (the host's default, e.g. BBR, which paces a socket at a bandwidth it estimates from the socket's recent traffic, so a transfer's time depends on what came before it), or auto (cubic with the gloo backend where it may be set).")
     run_ahead: bool = Field(True, description="Once every request has arrived (an offline batch: from the start), submit each replica's next plan while its steps run, so that it starts when the step before it ends instead of a driver round trip later (the plans are the same: the scheduler never reads the clock). Off: every plan waits for the step before it to report (`validate` runs so: its host probes price that loop's gap between steps).")
     thermometer: bool = Field(False, description="Thermometer probes (set by `validate`): in every step each stage repeats the first TP all-reduce of its middle layer, back to back (tp > 1 only), measuring the host's collective speed during the run; the simulator prices it too.")
     pin_ranks: Literal["auto", "on", "off"] = Field(

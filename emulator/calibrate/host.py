@@ -35,7 +35,6 @@ times measured; each stage role's time outside its delays gives ``p2p_stage_fixe
 from __future__ import annotations
 
 import copy
-import dataclasses
 import tempfile
 from pathlib import Path
 from typing import NamedTuple
@@ -451,7 +450,9 @@ def _probe_run(group, model: str, hardware: str, *, num_requests: int, prompt_to
         kw = dict(trace=path, dilation=1.0, memory_scale=1e-3, timeout_s=group.timeout_s,
                   run_ahead=False, **layout)
         if host_mode is not None:  # Emulation.allocate sets the group's mode from these
-            kw.update(dataclasses.asdict(host_mode))  # its fields are RunConfig's
+            kw.update(delay_mode=host_mode.delay_mode, keep_awake=host_mode.keep_awake,
+                      rank_priority=host_mode.rank_priority, pin_ranks=host_mode.pin_ranks,
+                      driver_priority=host_mode.driver_priority)
         try:
             setup = build_run(build_config(model=model, hardware=hardware, **kw),
                               record_slots=True)

@@ -46,24 +46,13 @@ def _bench_options(func):
         click.option("--driver-priority", type=click.Choice(["auto", "realtime", "normal"]),
                      default="auto", show_default=True, help="CPU priority of the driver "
                      "while measuring (as `emulate --driver-priority`)."),
-        click.option("--tcp-congestion", type=click.Choice(["auto", "cubic", "system"]),
-                     default="auto", show_default=True, help="Congestion control of the "
-                     "ranks' gloo sockets while measuring (as `emulate --tcp-congestion`)."),
     ]):
         func = opt(func)
     return func
 
 
-HOST_MODE_FLAGS = ("keep_awake", "rank_priority", "pin_ranks", "driver_priority",
-                   "tcp_congestion")
-
-
-def _host_mode(kw: dict) -> HostMode:
-    """The ranks' host mode from the bench options (the delays' mode stays auto)."""
-    return HostMode(**{k: kw[k] for k in HOST_MODE_FLAGS})
-
-
-def _run_bench(ops, min_bytes, max_bytes, world, iters, quick, spread, address, **host):
+def _run_bench(ops, min_bytes, max_bytes, world, iters, quick, spread, address, keep_awake,
+               rank_priority, pin_ranks, driver_priority):
     from emulator.calibrate.bench import parse_size, run_bench, sizes_between
 
     if quick:
@@ -73,7 +62,10 @@ def _run_bench(ops, min_bytes, max_bytes, world, iters, quick, spread, address, 
     worlds = [int(w) for w in str(world).split(",") if w.strip()]
     console = Console(stderr=True)
     return run_bench([o.strip() for o in ops.split(",")], sizes, worlds, num_iters=iters,
-                     spread=spread, address=address, host_mode=_host_mode(host),
+                     spread=spread, address=address,
+                     host_mode=HostMode(keep_awake=keep_awake, rank_priority=rank_priority,
+                                        pin_ranks=pin_ranks,
+                                        driver_priority=driver_priority),
                      on_row=lambda op, n, b, t: console.print(
                          f"  {op:<10} n={n} {b:>10} B {format_seconds(t)}", highlight=False))
 
@@ -132,10 +124,16 @@ def calibrate(output, from_bench, no_host_probe, name, line_only, **kw):
         import pyarrow.parquet as pq
         raw = pq.read_table(from_bench)
     else:
-        raw = _run_bench(**kw)
+        raw = _run_bench(**{k: kw[k] for k in ("ops", "min_bytes", "max_bytes", "world",
+                                               "iters", "quick", "spread", "address",
+                                               "keep_awake", "rank_priority",
+                                               "pin_ranks", "driver_priority")})
     profile, points = run(raw, name=name or socket.gethostname(),
                           host_probe=not no_host_probe, address=kw["address"], output=output,
-                          host_mode=_host_mode(kw),
+                          host_mode=HostMode(keep_awake=kw["keep_awake"],
+                                             rank_priority=kw["rank_priority"],
+                                             pin_ranks=kw["pin_ranks"],
+                                             driver_priority=kw["driver_priority"]),
                           measured_curve=not line_only)
     table = Table(title=f"fit of {profile.name}: alpha + bytes x (beta + gamma)")
     for col in ("op", "ranks", "place", "alpha", "beta (ns/B)", "gamma (ns/B)",

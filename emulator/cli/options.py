@@ -25,7 +25,7 @@ COMMON_FIELDS = (
 )
 EMULATION_FIELDS = ("dilation", "memory_scale", "backend", "address", "timeout_s", "delay_mode",
                      "keep_awake", "rank_priority", "pin_ranks", "driver_priority",
-                     "tcp_congestion", "run_ahead")
+                     "run_ahead")
 
 
 def _click_type(annotation: Any) -> Any:

@@ -121,14 +121,12 @@ class HostMode:
     """auto, on, off (:func:`wants_pinned`)."""
     driver_priority: str = "auto"
     """auto, realtime, normal (:func:`wants_driver_realtime`)."""
-    tcp_congestion: str = "auto"
-    """auto, cubic, system: of the ranks' gloo sockets (sockets.wants_congestion)."""
 
     @classmethod
     def of(cls, config) -> "HostMode":
-        """The host mode of a RunConfig (or anything with its six attributes)."""
+        """The host mode of a RunConfig (or anything with its five attributes)."""
         return cls(config.delay_mode, config.keep_awake, config.rank_priority,
-                   config.pin_ranks, config.driver_priority, config.tcp_congestion)
+                   config.pin_ranks, config.driver_priority)
 
 
 def wants_pinned(mode: str, backend: str, ranks_on_node: int, cpus: int) -> bool:

@@ -50,8 +50,6 @@ from emulator.runtime.awake import (HostMode, IdleSpinners, cpus_available, deci
                                     pin_threads, set_realtime, spinners_for)
 from emulator.runtime.delay import SPIN_S, CudaStreamDelay, precise_sleep
 from emulator.runtime.groups import TimedCollectives, init_process_groups, rank_topology
-from emulator.runtime.sockets import (congestion_of, set_congestion, socket_fds,
-                                      wants_congestion)
 from emulator.runtime.ray_setup import LayoutLike
 from emulator.runtime.records import (COMPUTE_KINDS, NO_LAYER, PROBE_LAYER, CollectiveState,
                                       StepRecords)
@@ -144,8 +142,6 @@ class Worker:
         self._coll = TimedCollectives(rank, {}, self._device, self._now, self._synchronize,
                                       delay)
         self._groups: dict = {}
-        self._group_fds: set[int] = set()
-        self.tcp_congestion: str | None = None
         self._weights: list[torch.Tensor] = []
         self._kv_pool: torch.Tensor | None = None  # [rows, row_elems], a row = one slot
         self._kv_written = np.zeros(0, dtype=bool)
@@ -172,11 +168,9 @@ class Worker:
     def init_process_groups(self, master_addr: str, master_port: int, world_size: int) -> None:
         if world_size != self.topology.world_size:
             raise ValueError(f"world_size {world_size} != layout's {self.topology.world_size}")
-        before = socket_fds()
         groups = init_process_groups(self.layout, self.rank, backend=self.backend,
                                      master_addr=master_addr, master_port=master_port,
                                      timeout_s=self.timeout_s)
-        self._group_fds = socket_fds() - before  # the sockets the groups opened
         self._groups = groups
         self._coll = TimedCollectives(self.rank, groups, self._device, self._now,
                                       self._synchronize, self._coll.delay)
@@ -428,11 +422,9 @@ class Worker:
     def set_host_mode(self, mode: HostMode, local_index: int, ranks_on_node: int) -> dict:
         """How this rank waits: compute delays spun or slept (delay.spin_for), whether it
         runs its share of the node's idle-priority spinners, and whether its threads run at
-        real-time priority and are pinned to a CPU of their own (runtime.awake), and the
-        congestion control of the sockets its groups opened (runtime.sockets). Returns
+        real-time priority and are pinned to a CPU of their own (runtime.awake). Returns
         ``{"spin_s": spun tail of a slept delay (None: delays are spun whole), "spinners":
-        spinners this rank runs, "realtime": bool, "cpu": CPU id pinned to or None,
-        "tcp_congestion": the sockets' congestion control set, None: the host's}``."""
+        spinners this rank runs, "realtime": bool, "cpu": CPU id pinned to or None}``."""
         cpus = cpus_available()
         waits = decide(mode, self.backend, ranks_on_node, cpus, local_index)
         pin_threads(None)  # spinners start unpinned: they keep every CPU awake
@@ -446,20 +438,10 @@ class Worker:
         if self.backend != "nccl":
             spin_s = self.spin_s
             self._coll.delay = lambda seconds: precise_sleep(seconds, spin_s)
-        congestion = wants_congestion(mode.tcp_congestion, self.backend)
-        if congestion is not None:
-            set_congestion(self._group_fds, congestion)
-        self.tcp_congestion = congestion
         spun_whole = self.spin_s == float("inf")  # JSON has no infinity: None
         return {"spin_s": None if spun_whole else self.spin_s,
                 "spinners": self._spinners.count,
-                "realtime": self.realtime, "cpu": self.cpu,
-                "tcp_congestion": self.tcp_congestion}
-
-    @ray.method(concurrency_group="control")
-    def group_socket_congestion(self) -> list[str]:
-        """The congestion controls of the TCP sockets this rank's groups opened."""
-        return congestion_of(self._group_fds)
+                "realtime": self.realtime, "cpu": self.cpu}
 
     @ray.method(concurrency_group="control")
     def ping(self) -> int:

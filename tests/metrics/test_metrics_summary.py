@@ -137,13 +137,11 @@ def test_summary_table_shows_how_the_ranks_waited():
         console.export_text()
     from emulator.metrics.format import host_mode_text
     assert host_mode_text([{"spin_s": None, "spinners": 0, "realtime": False}] * 2) \
-        == "delays spun; 0 idle spinners; normal priority; not pinned; sockets host default"
+        == "delays spun; 0 idle spinners; normal priority; not pinned"
     assert host_mode_text([modes[0], {**modes[0], "realtime": False}]).endswith(
-        "real-time priority on 1 of 2 ranks; not pinned; sockets host default")
+        "real-time priority on 1 of 2 ranks; not pinned")
     assert host_mode_text([{**modes[0], "cpu": 1}, {**modes[0], "cpu": 0}]).endswith(
-        "; pinned to CPUs 1,0; sockets host default")
-    assert host_mode_text([{**modes[0], "tcp_congestion": "cubic"}] * 2).endswith(
-        "; not pinned; sockets cubic")
+        "; pinned to CPUs 1,0")
 
 
 def test_format_seconds_units():
