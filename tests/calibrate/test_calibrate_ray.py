@@ -36,6 +36,23 @@ def test_bench_rows_per_op_size_and_iteration(raw):
     assert summary.num_rows == 8 and set(summary["num_iters"].to_pylist()) == {3}
 
 
+def test_calibrate_cli_fits_a_saved_bench(raw, tmp_path):
+    import pyarrow.parquet as pq
+    from click.testing import CliRunner
+
+    from emulator.cli import cli
+
+    pq.write_table(raw, tmp_path / "bench.parquet")
+    out = tmp_path / "host.json"
+    res = CliRunner().invoke(cli, ["calibrate", "--from-bench", str(tmp_path / "bench.parquet"),
+                                   "--no-host-probe", "--name", "ci", "-o", str(out)])
+    assert res.exit_code == 0, res.output
+    profile = load_profile(out)
+    assert profile.name == "ci" and profile.host is None
+    assert {(e.op, e.group_size) for e in profile.entries} == {
+        ("all_reduce", 2), ("all_gather", 2), ("all_to_all", 2), ("send_recv", 2)}
+
+
 def test_calibrate_then_validate(raw, tmp_path, monkeypatch):
     path = tmp_path / "host.json"
     profile, points = calibrate(raw, name="ci", output=path)
