@@ -80,7 +80,7 @@ def summary_table(summary: Mapping[str, Any], *, title: str | None = None) -> Ta
 def host_mode_text(modes: list[Mapping[str, Any]]) -> str:
     """One line for the ranks' host modes (Worker.set_host_mode reports): how delays are
     waited, the node's spinners, the CPU priority, the CPUs the ranks are pinned to (by
-    rank)."""
+    rank), and the TCP congestion control their sockets got, where reported."""
     spins = sorted({m["spin_s"] for m in modes}, key=lambda s: (s is None, s or 0.0))
     waits = ", ".join("delays spun" if s is None
                       else f"delays slept ({format_seconds(s)} spun)" for s in spins)
@@ -90,4 +90,6 @@ def host_mode_text(modes: list[Mapping[str, Any]]) -> str:
     cpus = [m.get("cpu") for m in modes]
     pinned = ("not pinned" if all(c is None for c in cpus) else "pinned to CPUs "
               + ",".join("-" if c is None else str(c) for c in cpus))
-    return f"{waits}; {sum(m['spinners'] for m in modes)} idle spinners; {priority}; {pinned}"
+    text = f"{waits}; {sum(m['spinners'] for m in modes)} idle spinners; {priority}; {pinned}"
+    congestion = sorted({m["tcp_congestion"] for m in modes if m.get("tcp_congestion")})
+    return text + (f"; TCP {'/'.join(congestion)}" if congestion else "")

@@ -38,6 +38,7 @@ import socket
 import time
 from collections import deque
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import ray
@@ -95,6 +96,24 @@ class AllocationReport:
     """Rows (slots) of the KV pool: kv_num_blocks x kv_block_size_tokens."""
 
 
+TCP_CONGESTION = Path("/proc/sys/net/ipv4/tcp_congestion_control")
+
+
+def host_tcp_congestion() -> str | None:
+    """The congestion control new TCP sockets get on this host (Linux; None elsewhere).
+
+    gloo's sockets get it when a group is created. A process can switch them afterwards,
+    but not their pacing: an established BBR socket switched to cubic stayed paced, at
+    cubic's default rate (cwnd x MSS / smoothed RTT), and a PP=2 run's pipeline transfers
+    at dilation 50 took twice as long (docs/results-validation.md, repeat 18). Under BBR a
+    socket's pace follows its own recent traffic, so a run records which one its transfers
+    ran on."""
+    try:
+        return TCP_CONGESTION.read_text().strip() or None
+    except OSError:
+        return None
+
+
 def _normal_priority() -> int:
     """Run this rank at normal CPU priority if allowed; return the niceness it runs at.
 
@@ -142,6 +161,7 @@ class Worker:
         self._coll = TimedCollectives(rank, {}, self._device, self._now, self._synchronize,
                                       delay)
         self._groups: dict = {}
+        self.tcp_congestion: str | None = None
         self._weights: list[torch.Tensor] = []
         self._kv_pool: torch.Tensor | None = None  # [rows, row_elems], a row = one slot
         self._kv_written = np.zeros(0, dtype=bool)
@@ -168,6 +188,7 @@ class Worker:
     def init_process_groups(self, master_addr: str, master_port: int, world_size: int) -> None:
         if world_size != self.topology.world_size:
             raise ValueError(f"world_size {world_size} != layout's {self.topology.world_size}")
+        self.tcp_congestion = host_tcp_congestion()  # what the groups' sockets get
         groups = init_process_groups(self.layout, self.rank, backend=self.backend,
                                      master_addr=master_addr, master_port=master_port,
                                      timeout_s=self.timeout_s)
@@ -424,7 +445,9 @@ class Worker:
         runs its share of the node's idle-priority spinners, and whether its threads run at
         real-time priority and are pinned to a CPU of their own (runtime.awake). Returns
         ``{"spin_s": spun tail of a slept delay (None: delays are spun whole), "spinners":
-        spinners this rank runs, "realtime": bool, "cpu": CPU id pinned to or None}``."""
+        spinners this rank runs, "realtime": bool, "cpu": CPU id pinned to or None,
+        "tcp_congestion": the congestion control its groups' sockets were created with
+        (:func:`host_tcp_congestion`)}``."""
         cpus = cpus_available()
         waits = decide(mode, self.backend, ranks_on_node, cpus, local_index)
         pin_threads(None)  # spinners start unpinned: they keep every CPU awake
@@ -441,7 +464,8 @@ class Worker:
         spun_whole = self.spin_s == float("inf")  # JSON has no infinity: None
         return {"spin_s": None if spun_whole else self.spin_s,
                 "spinners": self._spinners.count,
-                "realtime": self.realtime, "cpu": self.cpu}
+                "realtime": self.realtime, "cpu": self.cpu,
+                "tcp_congestion": self.tcp_congestion}
 
     @ray.method(concurrency_group="control")
     def ping(self) -> int:

@@ -404,6 +404,15 @@ def report_runs(config: RunConfig, profile: CommProfile, outdir: Path, emu: RunT
                    if probes.get("line_factors_applied", True) else {})
         for op, factor in sorted(factors.items()):
             report["verdict"] += f"; {op} line x{factor:.2f} re-measured around the run"
+    # What the ranks' sockets ran on (Worker.host_tcp_congestion). BBR paces a socket by
+    # its own recent traffic, so a run's sparse transfers can differ from the probes'
+    # (docs/results-validation.md, repeat 18): said in the verdict.
+    congestion = sorted({m["tcp_congestion"] for m in emu.extra.get("host_mode") or []
+                         if m.get("tcp_congestion")})
+    if congestion:
+        report["tcp_congestion"] = congestion
+        if "bbr" in congestion:
+            report["verdict"] += "; the ranks' TCP is bbr (paced by each socket's history)"
     write_json_atomic(outdir / "validation.json", report)
     plot_validation(joined, report, outdir / "validation.png")
     return report

@@ -14,6 +14,7 @@ from emulator.calibrate.run import calibrate
 from emulator.config import build_config
 from emulator.cost.profile_io import load_profile
 from emulator.metrics.io import read_run
+from emulator.runtime.worker import host_tcp_congestion
 from emulator.trace.io import write_trace
 from emulator.trace.synth import synth_trace
 from emulator.validate.run import probe_bytes, probe_plan, revalidate, validate
@@ -132,8 +133,13 @@ def test_calibrate_then_validate(raw, tmp_path, monkeypatch):
     for op, factor in (("all_gather", 0.9), ("all_reduce", 1.0)):
         assert priced.time_s(op, 2, "intra", gathered) == pytest.approx(
             factor * profile.time_s(op, 2, "intra", gathered))
+    # ... and the congestion control the ranks' sockets had, which the verdict names when
+    # it is BBR (it paces a socket by the socket's own history)
+    tcp = host_tcp_congestion()
+    assert saved.get("tcp_congestion") == ([tcp] if tcp else None)
+    bbr = "; the ranks' TCP is bbr (paced by each socket's history)" if tcp == "bbr" else ""
     assert saved["verdict"].endswith("host drift +0.0% between the probes; all_gather line "
-                                     "x0.90 re-measured around the run")
+                                     "x0.90 re-measured around the run" + bbr)
 
     # Re-reported from the same emulation without the thermometer: priced as calibrated
     # (the same errors the report kept beside), host probes kept, no stale re-pricing.
@@ -145,7 +151,7 @@ def test_calibrate_then_validate(raw, tmp_path, monkeypatch):
     assert not (tmp_path / "val2" / "simulate-thermometer").exists()
     assert json.loads((tmp_path / "val2" / "validation.json").read_text())["verdict"] \
         == again["verdict"]
-    assert again["verdict"].endswith("all_gather line x0.90 re-measured around the run")
+    assert again["verdict"].endswith("all_gather line x0.90 re-measured around the run" + bbr)
     # Re-reported with the calibrated profile: the probes are reported, not priced, and the
     # verdict does not claim the re-measured line.
     other = revalidate(tmp_path / "val2", path, thermometer=False)

@@ -142,6 +142,8 @@ def test_summary_table_shows_how_the_ranks_waited():
         "real-time priority on 1 of 2 ranks; not pinned")
     assert host_mode_text([{**modes[0], "cpu": 1}, {**modes[0], "cpu": 0}]).endswith(
         "; pinned to CPUs 1,0")
+    assert host_mode_text([{**modes[0], "tcp_congestion": "bbr"}] * 2).endswith(
+        "; not pinned; TCP bbr")
 
 
 def test_format_seconds_units():

@@ -25,6 +25,7 @@ from emulator.runtime.awake import (DRIVER_RT_PRIORITY, DriverPriority, HostMode
 from emulator.runtime.cluster import WorkerGroup
 from emulator.runtime.delay import REALTIME_SPIN_S, SPIN_S
 from emulator.runtime.executor import Emulation
+from emulator.runtime.worker import host_tcp_congestion
 from emulator.simulator.run import simulate
 from emulator.specs import get_model
 from emulator.trace.io import write_trace
@@ -102,10 +103,12 @@ def test_tp2_plans_equal_simulator_and_collectives_are_exact(batch_trace, tp2_gr
     rt = realtime_allowed()
     # ... and pinned to a CPU each where the host has one more for the driver
     cpus = sorted(os.sched_getaffinity(0))
+    # ... and each reports the TCP congestion control its gloo sockets were created with
     assert tables.extra["host_mode"] == [
         {"spin_s": REALTIME_SPIN_S if rt else SPIN_S, "realtime": rt,
          "spinners": spinners_for(i, 2, cpus_available()),
-         "cpu": cpus[i] if len(cpus) > 2 else None} for i in range(2)]
+         "cpu": cpus[i] if len(cpus) > 2 else None,
+         "tcp_congestion": host_tcp_congestion()} for i in range(2)]
     # ... and so does the driver while the group lives (it shares their host)
     assert tables.extra["control"]["driver_realtime"] == rt == tp2_group.driver_realtime
     policy = os.sched_getscheduler(0) & ~getattr(os, "SCHED_RESET_ON_FORK", 0)
