@@ -321,9 +321,10 @@ def measure_pipeline_wake(group, line_s, num_bytes: int = PROBE_BYTES,
     goes first, so that the pipeline's sockets have carried a message that large, as a
     run's have by the time its decode transfers happen. On the development VM, after one
     8.4 MB message, sender-waited transfers of 128 KiB and more took 50-80 us longer than
-    on fresh sockets and smaller ones did not (docs/results-validation.md, repeat 15); in a
-    run they take that much longer under the host's BBR and not under cubic (repeat 18:
-    BBR paces a socket at a bandwidth it estimates from the socket's own traffic).
+    on fresh sockets and smaller ones did not (docs/results-validation.md, repeat 15). In a
+    run such a step came with the host's BBR, which paces a socket at a bandwidth estimated
+    from the socket's own traffic, and in one window went with cubic; in others it came
+    under cubic too (repeat 18).
 
     ``sizes`` (more transfer sizes, e.g. a run's quartiles): each grid point is probed
     with ``num_bytes`` and each of these in turn, a block of ``num_steps`` plans per size
