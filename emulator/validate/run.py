@@ -219,8 +219,10 @@ def revalidate(outdir: Path, comm_profile: Path | None = None, *,
         probes = {**probes, "line_factors_applied": False}
     if comm_profile is not None:
         config = config.model_copy(update={"comm_profile": Path(comm_profile)})
+    saved = run.summary.get("extra") or {}
     emu = RunTables(requests=run.requests, steps=run.steps, collectives=run.collectives,
-                    extra={"control": (run.summary.get("extra") or {}).get("control")})
+                    extra={"control": saved.get("control"),
+                           "host_mode": saved.get("host_mode")})
     return report_runs(config, host_profile(config), outdir, emu, run.summary.get("nodes"),
                        probes, thermometer=thermometer)
 
