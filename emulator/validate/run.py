@@ -406,9 +406,9 @@ def report_runs(config: RunConfig, profile: CommProfile, outdir: Path, emu: RunT
                    if probes.get("line_factors_applied", True) else {})
         for op, factor in sorted(factors.items()):
             report["verdict"] += f"; {op} line x{factor:.2f} re-measured around the run"
-    # What the ranks' sockets ran on (Worker.host_tcp_congestion). BBR paces a socket by
-    # its own recent traffic, so a run's sparse transfers can differ from the probes'
-    # (docs/results-validation.md, repeat 18): said in the verdict.
+    # What the ranks' sockets ran on (runtime.worker.host_tcp_congestion). BBR paces a
+    # socket by its own recent traffic, so a run's sparse transfers can differ from the
+    # probes' (docs/results-validation.md, repeat 18): said in the verdict.
     congestion = sorted({m["tcp_congestion"] for m in emu.extra.get("host_mode") or []
                          if m.get("tcp_congestion")})
     if congestion:
